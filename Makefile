@@ -1,0 +1,31 @@
+# Development and CI entry points. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU torch for development and CI; GPU users install their own torch first (see README).
+CONSTRAINTS ?= constraints-cpu.txt
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test test-slow clean
+
+$(BIN)/rlhf: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	touch $@
+
+install: $(BIN)/rlhf
+
+demo: install
+	$(BIN)/rlhf sft
+
+test: install
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+clean:
+	rm -rf runs outputs multirun wandb .pytest_cache

@@ -1,0 +1,3 @@
+from rlhf_cli.cli import main
+
+main()

@@ -1,0 +1,30 @@
+"""Losses. Each takes its normaliser as an argument so that micro-batching, gradient accumulation
+and data parallelism give the same gradient as one large batch (the denominator is counted once
+over the whole optimizer step, never per micro-batch)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of the labelled tokens.
+
+    logits (B, T, V) predict input_ids shifted by one: position t scores token t+1.
+    loss_mask (B, T) marks the tokens that are labels; position 0 can never be one.
+    """
+    targets = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:], -100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Mean NLL per labelled token of the optimizer step: this micro-batch's sum over the step's token count."""
+    return token_nll_sum(logits, input_ids, loss_mask) / max(num_tokens, 1)
+
+
+def count_label_tokens(loss_mask: torch.Tensor) -> int:
+    """Tokens that sft_loss counts in a (B, T) loss mask."""
+    return int(loss_mask[:, 1:].sum())

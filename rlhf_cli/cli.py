@@ -1,0 +1,215 @@
+"""The `rlhf` command: one Typer verb per stage, each handing its arguments to the stage's Hydra entry.
+
+Re-dispatching into `@hydra.main` (rather than composing inside the verb) keeps all of Hydra:
+`-m` sweeps, launchers such as submitit's that re-compose the config in another process,
+`--cfg job`, `--info`. Before that hand-over, every job the arguments describe is composed and
+checked here, so that a bad key or value is one `error:` line before anything starts.
+
+This module is the one place that turns an error into `error: ...` and an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+
+from rlhf_cli import __version__
+from rlhf_cli.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "RLHF_DEBUG"
+
+STAGE_HELP = {
+    "sft": "Supervised fine-tuning: learn the assistant turns (or completions) of a dataset.",
+}
+# Hydra flags that take the next argument as their value.
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="rlhf: the RLHF chain (SFT, reward model, PPO, DPO, GRPO) from the command line.",
+    context_settings={"help_option_names": ["--help", "-h"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rlhf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    pass
+
+
+def _task(cfg: Any) -> None:
+    """The Hydra task of every stage (module level, so submitit can pickle it by reference)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlhf_cli.stages import AlreadyComplete, open_run
+    from rlhf_cli.stages.registry import STAGE_RUNNERS
+
+    _setup_logging()
+    log = logging.getLogger("rlhf")
+    hydra_cfg = HydraConfig.get()
+    try:
+        from omegaconf import OmegaConf
+
+        typed = OmegaConf.to_object(cfg)
+        typed.output_dir = hydra_cfg.runtime.output_dir
+        start = open_run(typed)
+        try:
+            STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
+        except BaseException as exc:
+            start.run.fail(_reason(exc))
+            raise
+    except AlreadyComplete as done:
+        log.info(str(done))
+    except UserError as exc:
+        _die(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _die("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
+
+
+def _reason(exc: BaseException) -> str:
+    return "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+
+
+def _die(message: str, code: int) -> None:
+    first = " ".join(message.split())
+    sys.stderr.write(f"error: {first}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("rlhf")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for noisy in ("transformers", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def split_arguments(args: list[str]) -> tuple[list[str], list[str], Optional[str]]:
+    """(Hydra flags with their values, overrides, conf= path) from a stage's extra arguments."""
+    flags, overrides, conf = [], [], None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("conf="):
+            conf = arg.split("=", 1)[1]
+        elif arg in _HYDRA_VALUE_FLAGS and i + 1 < len(args):
+            flags += [arg, args[i + 1]]
+            i += 1
+        elif arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_TOPICS:
+            flags += [arg, args[i + 1]]
+            i += 1
+        elif arg.startswith("-") and not arg.startswith("~"):
+            flags.append(arg)
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides, conf
+
+
+def dispatch(stage: str, args: list[str]) -> None:
+    import hydra
+
+    from rlhf_cli.config.compose import CONFIG_MODULE, check_overrides, register_schemas
+    from rlhf_cli.config.user_yaml import yaml_overrides
+
+    flags, overrides, conf = split_arguments(args)
+    file_overrides = yaml_overrides(conf) if conf else []
+    overrides = [o.text for o in file_overrides] + overrides
+    register_schemas()
+    if "--hydra-help" not in flags:
+        check_overrides(stage, overrides, file_overrides)
+    if file_overrides:
+        # Sweep directories are named after the command-line overrides, not every key of the file.
+        excluded = ["resume", "logger", "output_dir"] + sorted({o.key for o in file_overrides})
+        overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]")
+    sys.argv = [f"rlhf {stage}", *flags, *overrides]
+    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=stage, version_base="1.3")(_task)()
+
+
+def _stage_epilog(stage: str) -> str:
+    from rlhf_cli.config.compose import stage_defaults
+    from rlhf_cli.config.schema import STAGE_SCHEMAS, key_help
+
+    defaults = stage_defaults(stage)
+    rows = [(key, defaults.get(key, default), text) for key, default, text in key_help(STAGE_SCHEMAS[stage]) if key != "stage"]
+    lines = []
+    for key, default, text in rows:
+        lines += [f"  {key}={default}", f"      {text}"]
+    # "\b" keeps click from re-wrapping the paragraph that follows it.
+    return (
+        "\b\nArguments: Hydra overrides (key=value, +key=value, ~key), conf=PATH.yaml (a YAML of keys,\n"
+        "merged before the overrides), and Hydra flags: -m/--multirun for sweeps, --cfg job to print\n"
+        "the resolved config, --info, --hydra-help.\n\n\b\nKeys, with this stage's defaults:\n" + "\n".join(lines)
+    )
+
+
+def _make_stage_command(stage: str) -> None:
+    # The key table costs a config composition: build it only when this stage's help is asked for.
+    wants_help = len(sys.argv) > 2 and sys.argv[1] == stage and any(a in ("--help", "-h") for a in sys.argv[2:])
+
+    @app.command(
+        stage,
+        help=STAGE_HELP[stage],
+        epilog=_stage_epilog(stage) if wants_help else None,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    def command(
+        ctx: typer.Context,
+        debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+    ) -> None:
+        if debug:
+            os.environ[DEBUG_ENV] = "1"
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            dispatch(stage, list(ctx.args))
+        except UserError as exc:
+            if debug:
+                raise
+            _die(str(exc), exc.exit_code)
+
+
+for _stage in STAGE_HELP:
+    _make_stage_command(_stage)
+
+
+def main() -> None:
+    # The deepspeed launcher puts --local_rank=N before the subcommand, where Typer would reject it.
+    for arg in list(sys.argv[1:]):
+        if arg.startswith("--local_rank"):
+            sys.argv.remove(arg)
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[-1])
+    app(prog_name="rlhf")
+
+
+if __name__ == "__main__":
+    main()

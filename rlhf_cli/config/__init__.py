@@ -1,0 +1,1 @@
+"""The typed config schema and the code that composes and checks it."""

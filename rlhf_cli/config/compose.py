@@ -1,0 +1,229 @@
+"""Compose a stage's config the way Hydra will, and check it before anything runs.
+
+The CLI calls `check_overrides` before handing control to the stage's `@hydra.main` entry, so a
+typo in a key, a value of the wrong type or an impossible setting is one `error:` line, for every
+job of a sweep, before any run directory is created or any job is launched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import fields, is_dataclass
+from enum import Enum
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from rlhf_cli.config.schema import STAGE_SCHEMAS
+from rlhf_cli.config.user_yaml import FileOverride
+from rlhf_cli.errors import UserError
+
+CONFIG_MODULE = "rlhf_cli.conf"
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    for stage, schema in STAGE_SCHEMAS.items():
+        store.store(name=f"{stage}_schema", node=schema)
+
+
+def check_overrides(stage: str, overrides: list[str], file_overrides: list[FileOverride]) -> list[Any]:
+    """Compose and validate every job the overrides describe; return their typed configs."""
+    origins = {o.text: o.origin for o in file_overrides}
+    return [load_config(stage, job, origins) for job in sweep_jobs(overrides)]
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override list of each job of a (possible) sweep; a single job when nothing sweeps."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as exc:
+        raise UserError(f"bad override: {_first_line(str(exc))}") from None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    try:
+        (jobs,) = BasicSweeper.split_arguments(parsed, None)
+    except HydraException as exc:
+        raise UserError(_first_line(str(exc))) from None
+    return jobs
+
+
+def load_config(stage: str, overrides: list[str], origins: dict[str, str] | None = None) -> Any:
+    """The typed config (a schema dataclass instance) of one job."""
+    origins = origins or {}
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name=stage, overrides=job_overrides)
+        resolved = OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _translate(exc, STAGE_SCHEMAS[stage], origins) from None
+    validate(resolved)
+    return resolved
+
+
+def stage_defaults(stage: str) -> dict[str, str]:
+    """Dotted key -> the stage's default value as text (the packaged YAML over the schema)."""
+    register_schemas()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name=stage)
+    flat: dict[str, str] = {}
+
+    def show(value: Any) -> str:
+        if isinstance(value, list):
+            return "[" + ",".join(show(v) for v in value) + "]"
+        return "null" if value is None else str(value)
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = show(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True), "")
+    return flat
+
+
+def _translate(exc: Exception, schema: type, origins: dict[str, str]) -> UserError:
+    """One `error:` line from a Hydra/OmegaConf exception, naming the key and, where known, the file line."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    full_key = getattr(cause, "full_key", None) or ""
+    where = _origin(full_key, str(exc), origins)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and " not in " in str(cause):
+        parent, _, leaf = full_key.rpartition(".")
+        valid = _child_keys(schema, parent)
+        hint = difflib.get_close_matches(leaf, valid, n=1)
+        suggestion = f"; did you mean '{_join(parent, hint[0])}'?" if hint else ""
+        return UserError(f"{where}unknown key '{full_key}'{suggestion} (valid keys{_in(parent)}: {', '.join(valid)})")
+    if isinstance(cause, ValidationError):
+        enum_choices = _enum_choices(schema, full_key)
+        if enum_choices:
+            value = getattr(cause, "value", None) or _value_of(str(cause))
+            return UserError(f"{where}{full_key}: '{value}' is not one of {', '.join(enum_choices)}")
+        return UserError(f"{where}{full_key}: {_first_line(str(cause))}")
+    if isinstance(cause, MissingMandatoryValue):
+        return UserError(f"{where}{full_key}: a value is required")
+    if isinstance(exc, MissingConfigException):
+        return UserError(f"{where}{' '.join(str(exc).split())}")
+    if isinstance(exc, OverrideParseException):
+        return UserError(f"bad override: {_first_line(str(exc))}")
+    message = " ".join(str(exc).split()) if isinstance(exc, HydraException) else _first_line(str(exc))
+    return UserError(f"{where}{message}")
+
+
+def _origin(full_key: str, message: str, origins: dict[str, str]) -> str:
+    for text, origin in origins.items():
+        key = text.split("=", 1)[0]
+        if (full_key and key == full_key) or f"'{text}'" in message:
+            return f"{origin}: "
+    return ""
+
+
+def _child_keys(schema: type, parent: str) -> list[str]:
+    node: Any = schema
+    for part in [p for p in parent.split(".") if p]:
+        hint = {f.name: f for f in fields(node)}.get(part)
+        default = getattr(node(), part, None) if hint else None
+        if not is_dataclass(default):
+            return []
+        node = type(default)
+    return [f.name for f in fields(node)]
+
+
+def _enum_choices(schema: type, full_key: str) -> list[str]:
+    node: Any = schema()
+    for part in full_key.split("."):
+        if not hasattr(node, part):
+            return []
+        node = getattr(node, part)
+    if isinstance(node, list) and node:
+        node = node[0]
+    if isinstance(node, Enum):
+        return [m.value for m in type(node)]
+    return []
+
+
+def _value_of(message: str) -> str:
+    start = message.find("'")
+    end = message.find("'", start + 1)
+    return message[start + 1 : end] if 0 <= start < end else "?"
+
+
+def _join(parent: str, leaf: str) -> str:
+    return f"{parent}.{leaf}" if parent else leaf
+
+
+def _in(parent: str) -> str:
+    return f" in {parent}" if parent else ""
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else text
+
+
+def validate(cfg: Any) -> None:
+    """Checks on values that the types alone cannot express."""
+    t, d, e = cfg.train, cfg.data, cfg.eval
+    checks = [
+        ("train.batch_size", t.batch_size >= 1, "must be at least 1"),
+        ("train.grad_accum", t.grad_accum >= 1, "must be at least 1"),
+        ("train.lr", t.lr > 0, "must be positive"),
+        ("train.epochs", t.epochs > 0, "must be positive"),
+        ("train.max_steps", t.max_steps is None or t.max_steps >= 1, "must be at least 1 (or null to use train.epochs)"),
+        ("train.warmup_ratio", 0 <= t.warmup_ratio < 1, "must be in [0, 1)"),
+        ("train.weight_decay", t.weight_decay >= 0, "must be non-negative"),
+        ("train.adam_betas", len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "must be two values in [0, 1)"),
+        ("train.adam_eps", t.adam_eps > 0, "must be positive"),
+        ("train.max_grad_norm", t.max_grad_norm >= 0, "must be non-negative (0 disables clipping)"),
+        ("train.log_every", t.log_every >= 1, "must be at least 1"),
+        ("train.eval_every", t.eval_every >= 0, "must be non-negative"),
+        ("train.save_every", t.save_every >= 0, "must be non-negative"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1"),
+        ("data.max_length", d.max_length >= 2, "must be at least 2"),
+        ("data.eval_size", d.eval_size >= 0, "must be non-negative"),
+        ("eval.max_samples", e.max_samples >= 0, "must be non-negative"),
+        ("eval.generate", e.generate >= 0, "must be non-negative"),
+        ("eval.max_new_tokens", e.max_new_tokens >= 1, "must be at least 1"),
+        ("eval.batch_size", e.batch_size >= 1, "must be at least 1"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise UserError(f"{key}: {_lookup(cfg, key)!r} {rule}")
+    _check_sources(cfg)
+    if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
+        raise UserError(f"resume: '{cfg.resume}' is not auto, never, or an existing checkpoint directory")
+    if not cfg.output_dir:
+        raise UserError("output_dir: must not be empty")
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_sources(cfg: Any) -> None:
+    """Local model and data paths that do not exist, and unknown built-in sets, before anything starts."""
+    from rlhf_cli.data.builtin import BUILTINS
+    from rlhf_cli.data.sources import BUILTIN_PREFIX, looks_local
+    from rlhf_cli.models import TINY
+
+    if cfg.model.path != TINY and looks_local(cfg.model.path) and not os.path.isdir(cfg.model.path):
+        raise UserError(f"model.path: '{cfg.model.path}' is not an existing directory (nor a hub id)")
+    for key in ("train", "eval"):
+        spec = getattr(cfg.data, key)
+        if spec is None:
+            continue
+        if spec.startswith(BUILTIN_PREFIX):
+            if spec[len(BUILTIN_PREFIX) :] not in BUILTINS:
+                raise UserError(f"data.{key}: '{spec}' is not a built-in set (choose from builtin:{', builtin:'.join(sorted(BUILTINS))})")
+        elif looks_local(spec) and not os.path.exists(spec):
+            raise UserError(f"data.{key}: '{spec}' does not exist")

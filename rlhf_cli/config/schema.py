@@ -1,0 +1,166 @@
+"""The typed schema: every config key, its type, its default and its one-line help.
+
+This is the single source of truth. Hydra validates overrides against it (an unknown key or a value
+of the wrong type never reaches a stage), `rlhf <stage> --help` and the README table read the help
+strings, and the stage code receives the dataclasses themselves.
+
+Values that the packaged YAML under `conf/` sets per stage (learning rate, steps, built-in data) are
+defaults there; the values here are the fallbacks a user YAML can rely on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any, List, Optional
+
+
+def _key(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+class DType(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class DataFormat(str, Enum):
+    auto = "auto"
+    messages = "messages"
+    sharegpt = "sharegpt"
+    alpaca = "alpaca"
+    prompt_completion = "prompt_completion"
+
+
+class Truncation(str, Enum):
+    truncate = "truncate"
+    drop = "drop"
+    error = "error"
+
+
+class Scheduler(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class Logger(str, Enum):
+    jsonl = "jsonl"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+@dataclass
+class ModelConfig:
+    path: str = _key("tiny", "hub id or local directory of the model this stage trains; `tiny` is the built-in model")
+    dtype: DType = _key(DType.auto, "compute dtype: fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)")
+    attn_implementation: str = _key("sdpa", "attention kernel passed to transformers: sdpa, eager, flash_attention_2")
+    gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass to save memory")
+    trust_remote_code: bool = _key(False, "run modelling code shipped with a hub model (off unless you trust it)")
+    revision: Optional[str] = _key(None, "hub revision (branch, tag or commit) of model.path")
+
+
+@dataclass
+class DataConfig:
+    train: str = _key("builtin:arith", "training data: hub dataset id, local .jsonl/.json/.parquet/.csv, or builtin:NAME")
+    eval: Optional[str] = _key(None, "evaluation data, same forms as data.train; null carves data.eval_size rows from train")
+    eval_size: float = _key(0.0, "rows carved from data.train for evaluation when data.eval is null (<1: a fraction)")
+    format: DataFormat = _key(DataFormat.auto, "row format: auto, messages, sharegpt, alpaca, prompt_completion")
+    max_length: int = _key(512, "tokens per sample, prompt and response together")
+    truncation: Truncation = _key(Truncation.truncate, "samples over max_length: truncate (cut the end), drop, or error")
+    packing: bool = _key(False, "pack short samples into max_length rows (no attention across samples)")
+    subset: Optional[str] = _key(None, "hub dataset configuration name (e.g. `main` for gsm8k)")
+    train_split: str = _key("train", "split of a hub dataset used for training")
+    eval_split: str = _key("test", "split of a hub dataset used for evaluation when data.eval names one")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = _key(None, "optimizer steps to train; wins over train.epochs when set")
+    epochs: float = _key(1.0, "passes over the training data when train.max_steps is null")
+    batch_size: int = _key(8, "per-device micro-batch size (samples)")
+    grad_accum: int = _key(1, "micro-batches accumulated into one optimizer step")
+    lr: float = _key(1e-5, "peak learning rate")
+    lr_scheduler: Scheduler = _key(Scheduler.cosine, "learning-rate schedule after warm-up: cosine, linear, constant")
+    warmup_ratio: float = _key(0.0, "fraction of the steps spent warming the learning rate up from 0")
+    weight_decay: float = _key(0.0, "AdamW weight decay (not applied to biases and norms)")
+    adam_betas: List[float] = _key([0.9, 0.999], "AdamW betas")
+    adam_eps: float = _key(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _key(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+    seed: int = _key(42, "seed for initialisation, data order and sampling")
+    log_every: int = _key(10, "log metrics every N optimizer steps")
+    eval_every: int = _key(0, "evaluate every N optimizer steps (0: only at the end)")
+    save_every: int = _key(0, "write a resumable checkpoint every N optimizer steps (0: never)")
+    keep_checkpoints: int = _key(2, "how many of the newest checkpoints to keep")
+
+
+@dataclass
+class EvalConfig:
+    max_samples: int = _key(512, "evaluation rows scored for eval/loss (0: all)")
+    generate: int = _key(0, "evaluation rows with an `answer` field decoded greedily for eval/accuracy (0: none)")
+    max_new_tokens: int = _key(32, "tokens generated per row for eval/accuracy")
+    batch_size: int = _key(64, "rows per evaluation forward or generation call")
+
+
+@dataclass
+class WandbConfig:
+    project: str = _key("rlhf", "wandb project")
+    entity: Optional[str] = _key(None, "wandb entity (team or user)")
+    name: Optional[str] = _key(None, "wandb run name (default: the output directory)")
+    group: Optional[str] = _key(None, "wandb group")
+    tags: List[str] = _key([], "wandb tags")
+
+
+@dataclass
+class StageConfig:
+    """Keys every stage shares."""
+
+    stage: str = _key("", "the stage this config runs (set by the command)")
+    output_dir: str = _key("runs/default/${stage}", "this stage's run directory")
+    resume: str = _key("auto", "auto (continue from the newest checkpoint), never (start over), or a checkpoint path")
+    logger: List[Logger] = _key([Logger.jsonl], "metric sinks: jsonl (always written), wandb, tensorboard")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning: next-token loss on the assistant (completion) tokens only."""
+
+
+STAGE_SCHEMAS = {"sft": SFTConfig}
+
+
+def key_help(schema: type) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf key of a schema, in declaration order."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        instance = cls()
+        for f in fields(cls):
+            value = getattr(instance, f.name)
+            if is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+            else:
+                rows.append((f"{prefix}{f.name}", _show(value), f.metadata.get("help", "")))
+
+    walk(schema, "")
+    return rows
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    return str(value)

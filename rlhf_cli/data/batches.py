@@ -1,0 +1,82 @@
+"""Deterministic, resumable batching and padding.
+
+The samples of optimizer step k depend only on (seed, k): sample position p = k·B·A + j reads
+element p mod n of the permutation drawn for epoch p div n. Resuming at step k therefore needs no
+saved sampler state, and a resumed run sees exactly the samples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rlhf_cli.data.tokenize import TokenizedSample
+
+
+class StepBatches:
+    def __init__(self, samples: Sequence, batch_size: int, grad_accum: int, seed: int):
+        self.samples = samples
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self._epoch = -1
+        self._order: list[int] = []
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def micro_batches(self, step: int) -> list[list]:
+        """The grad_accum micro-batches of optimizer step `step` (0-based)."""
+        start = step * self.samples_per_step
+        chosen = [self.samples[self._index(p)] for p in range(start, start + self.samples_per_step)]
+        return [chosen[i : i + self.batch_size] for i in range(0, len(chosen), self.batch_size)]
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.samples))
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(len(self.samples), generator=generator).tolist()
+            self._epoch = epoch
+        return self._order[offset]
+
+
+def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) tensors: input_ids, loss_mask, and attention_mask or, for packed rows, position_ids.
+
+    Packed rows pass no attention mask: transformers then derives per-sample attention from the
+    position ids, which restart at each sample boundary.
+    """
+    width = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(samples), width), dtype=torch.bool)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    packed = samples[0].position_ids is not None
+    position_ids = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        input_ids[row, :n] = torch.tensor(sample.input_ids)
+        loss_mask[row, :n] = torch.tensor(sample.loss_mask)
+        attention_mask[row, :n] = 1
+        if packed:
+            position_ids[row, :n] = torch.tensor(sample.position_ids)
+            # Padding continues as one more "sample" so it never joins the last real one.
+            position_ids[row, n:] = torch.arange(width - n)
+    batch = {"input_ids": input_ids, "loss_mask": loss_mask}
+    if packed:
+        batch["position_ids"] = position_ids
+    else:
+        batch["attention_mask"] = attention_mask
+    return batch
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask, the layout batched generation needs."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,86 @@
+"""The training engine: the seam between a stage loop and the machinery that updates weights.
+
+A stage calls `autocast()`, `backward(loss)`, `step()` and reads `lr`; checkpoints go through
+`state_dict()`/`load_state_dict()`. This plain-PyTorch engine holds fp32 master weights and runs the
+forward in bf16/fp16 autocast when asked. A DeepSpeed engine will implement the same methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+
+
+class TorchEngine:
+    def __init__(self, model: torch.nn.Module, train_cfg: Any, total_steps: int, compute_dtype: torch.dtype):
+        self.model = model
+        self.max_grad_norm = train_cfg.max_grad_norm
+        self.compute_dtype = compute_dtype
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(model, train_cfg.weight_decay),
+            lr=train_cfg.lr,
+            betas=tuple(train_cfg.adam_betas),
+            eps=train_cfg.adam_eps,
+        )
+        self.scheduler = _scheduler(self.optimizer, train_cfg, total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=compute_dtype == torch.float16)
+
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> float:
+        """Clip, update, advance the schedule; returns the gradient norm before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases and norm scales (1-D tensors) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int):
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    return get_scheduler(
+        names[train_cfg.lr_scheduler.value],
+        optimizer,
+        num_warmup_steps=math.ceil(train_cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )

@@ -1,0 +1,96 @@
+"""Model and tokenizer loading: a hub id, a local directory, or the built-in `tiny` preset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rlhf_cli.data.sources import looks_local
+from rlhf_cli.errors import UserError
+
+TINY = "tiny"
+TINY_DIR = Path(__file__).resolve().parent / "tiny"
+
+# The fallback template for tokenizers that ship none (base models): one turn per block, each closed
+# by the tokenizer's EOS so that the trained end-of-turn is the token generation stops at.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] + ':\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
+)
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_tokenizer(model_cfg: Any):
+    """The tokenizer of `model.path`, with a pad token distinct from EOS and a chat template."""
+    from transformers import AutoTokenizer
+
+    source = str(TINY_DIR) if model_cfg.path == TINY else model_cfg.path
+    tokenizer = _from_pretrained(AutoTokenizer, source, model_cfg)
+    if tokenizer.eos_token is None:
+        raise UserError(f"model.path={model_cfg.path}: the tokenizer defines no EOS token")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # A pad equal to EOS would make the loss mask hide the real EOS; the model would never stop.
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_causal_lm(model_cfg: Any, tokenizer, seed: int):
+    """The policy model: `tiny` is built from its config (weights from `seed`), anything else loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": model_cfg.attn_implementation, "dtype": torch.float32}
+    if model_cfg.path == TINY:
+        config = AutoConfig.from_pretrained(TINY_DIR, **kwargs)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, model_cfg.path, model_cfg, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
+    local = Path(source)
+    if not local.exists() and looks_local(source):
+        raise UserError(f"model.path={source}: no such directory")
+    if local.exists() and not local.is_dir():
+        raise UserError(f"model.path={source}: not a directory (a model directory holds config.json)")
+    if local.is_dir() and not (local / "config.json").is_file() and factory.__name__ != "AutoTokenizer":
+        raise UserError(f"model.path={source}: no config.json here, so not a model directory")
+    try:
+        return factory.from_pretrained(
+            source,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            **kwargs,
+        )
+    except OSError as exc:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.path={source}: cannot load{offline}: {reason}") from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"model.path={source}: needs model.trust_remote_code=true to load its own code") from None
+        raise UserError(f"model.path={source}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,63 @@
+"""Generation behind one small interface: token-id prompts in, token-id completions out.
+
+The default engine is transformers' `generate` with KV cache, left-padded prompts and stopping at
+any stop token. Completions are cut after their first stop token (kept, since it was generated)
+and carry no padding (a sequence only pads after it stopped).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from rlhf_cli.data.batches import left_pad
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: set[int],
+    batch_size: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator_seed: Optional[int] = None,
+) -> list[list[int]]:
+    """Completions for `prompts`; greedy when temperature is 0."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    completions: list[list[int]] = []
+    sampling = temperature > 0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
+            if sampling and generator_seed is not None:
+                torch.manual_seed(generator_seed + start)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=0 if sampling else None,
+                eos_token_id=sorted(stop_ids),
+                pad_token_id=pad_id,
+            )
+            for row in output[:, input_ids.size(1) :].tolist():
+                completions.append(_cut_at_stop(row, stop_ids))
+    finally:
+        model.train(was_training)
+    return completions
+
+
+def _cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: i + 1]
+    return tokens

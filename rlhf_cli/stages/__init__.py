@@ -1,0 +1,95 @@
+"""What every stage does around its training loop: open the run directory, decide whether to
+resume, skip or refuse, record the manifest, and mark the run failed when it stops early."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.runs import MANIFEST, RunDir, redact
+
+log = logging.getLogger("rlhf")
+
+# Keys that may differ between a completed run and a rerun that should count as the same run.
+_NOT_IDENTITY = ("resume", "logger", "wandb", "output_dir")
+
+
+class AlreadyComplete(Exception):
+    """The run directory already holds this exact run, completed."""
+
+
+@dataclass
+class RunStart:
+    run: RunDir
+    checkpoint: Optional[Path]  # resume from here, or start fresh when None
+    config: dict[str, Any]  # resolved, as recorded in the manifest
+    config_yaml: str
+
+
+def open_run(cfg: Any) -> RunStart:
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    config_yaml = OmegaConf.to_yaml(config)
+    run = RunDir(cfg.output_dir)
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"output_dir={cfg.output_dir}: exists and is not a directory")
+    if cfg.resume == "never":
+        return RunStart(run, None, config, config_yaml)
+    if cfg.resume != "auto":
+        return RunStart(run, Path(cfg.resume), config, config_yaml)
+    manifest = run.read_manifest()
+    if manifest is None:
+        return RunStart(run, run.latest_checkpoint(), config, config_yaml)
+    if manifest.get("stage") != cfg.stage:
+        raise UserError(
+            f"output_dir={cfg.output_dir}: holds a {manifest.get('stage')} run, not {cfg.stage}; choose another output_dir"
+        )
+    if manifest.get("status") == "completed":
+        changed = config_changes(manifest.get("config", {}), redact(config))
+        if not changed:
+            raise AlreadyComplete(f"{cfg.output_dir} is already complete with this config; nothing to do")
+        raise UserError(
+            f"output_dir={cfg.output_dir}: holds a completed run with another config ({changed}); "
+            "resume=never replaces it, or choose another output_dir"
+        )
+    return RunStart(run, run.latest_checkpoint(), config, config_yaml)
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """'key: old -> new' for the leaf keys that differ, identity keys only; empty when the same."""
+    old, new = _leaves(before), _leaves(after)
+    keys = sorted(k for k in set(old) | set(new) if k.split(".")[0] not in _NOT_IDENTITY and old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys[:3]) + (" ..." if len(keys) > 3 else "")
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def describe_model_source(path: str) -> dict[str, Any]:
+    """Where a model came from, for the manifest: the run and stage when it is a run's final/."""
+    source: dict[str, Any] = {"path": path}
+    manifest = Path(path).parent / MANIFEST
+    if Path(path).name == "final" and manifest.is_file():
+        recorded = RunDir(Path(path).parent).read_manifest() or {}
+        source.update(run=str(Path(path).parent), stage=recorded.get("stage"))
+    return source

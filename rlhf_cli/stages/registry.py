@@ -1,0 +1,5 @@
+"""Stage name -> the function that runs it (imported only when a stage runs)."""
+
+from rlhf_cli.stages import sft
+
+STAGE_RUNNERS = {"sft": sft.run}

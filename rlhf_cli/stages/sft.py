@@ -1,0 +1,191 @@
+"""rlhf sft: supervised fine-tuning.
+
+The loss is the mean negative log-likelihood per labelled token of the optimizer step: labels are
+the assistant turns of conversations (every one of them, end-of-turn token included) or the
+completion of plain prompt/completion rows, plus EOS. The denominator is counted over the whole
+step, so gradient accumulation gives the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from rlhf_cli.algos.losses import count_label_tokens, sft_loss, token_nll_sum
+from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.formats import SFTExample, to_sft_examples
+from rlhf_cli.data.sources import Row, load_rows
+from rlhf_cli.data.tokenize import (
+    TokenizedSample,
+    TruncationReport,
+    apply_max_length,
+    encode_prompt,
+    pack,
+    stop_token_ids,
+    tokenize_sft,
+)
+from rlhf_cli.engine import TorchEngine
+from rlhf_cli.errors import UserError
+from rlhf_cli.metrics import MetricsLogger
+from rlhf_cli.models import count_parameters, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhf_cli.rollout import generate
+from rlhf_cli.runs.checkpoint import load_training_state, save_training_state
+from rlhf_cli.stages import RunStart, describe_model_source, seed_everything
+
+log = logging.getLogger("rlhf")
+
+
+def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
+    # 1. Model and tokenizer.
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
+
+    # 2. Data: rows -> examples -> token ids with label masks -> (packed) samples.
+    train_rows, eval_rows = _split_rows(cfg.data)
+    train_examples = to_sft_examples(train_rows, cfg.data.format)
+    eval_examples = to_sft_examples(eval_rows, cfg.data.format) if eval_rows else []
+    train_samples = _tokenize(tokenizer, train_examples, stop_ids, cfg.data, "data.train")
+    eval_samples = _tokenize(tokenizer, eval_examples[: cfg.eval.max_samples or None], stop_ids, cfg.data, "data.eval")
+    if cfg.data.packing:
+        train_samples = pack(train_samples, cfg.data.max_length)
+    batches = StepBatches(train_samples, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * len(train_samples) / batches.samples_per_step))
+
+    # 3. Engine, and the state to resume from.
+    engine = TorchEngine(model, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
+    run_dir = start.run
+    start_step = 0
+    if start.checkpoint is not None:
+        state = load_training_state(start.checkpoint, model, engine)
+        start_step = state["step"]
+        log.info(f"resuming from {start.checkpoint} (step {start_step})")
+    elif cfg.resume == "never":
+        run_dir.start_fresh()
+    run_dir.begin(
+        cfg.stage, start.config, start.config_yaml,
+        parents={"model": describe_model_source(cfg.model.path)},
+        resumed_from=str(start.checkpoint) if start.checkpoint else None,
+        overrides=overrides,
+    )
+    log.info(
+        f"sft: {count_parameters(model) / 1e6:.2f}M parameters, {len(train_samples)} training samples, "
+        f"{len(eval_samples)} eval samples, {total_steps} steps of {batches.samples_per_step} samples -> {run_dir.path}"
+    )
+
+    # 4. Train.
+    metrics = MetricsLogger(run_dir.path, cfg, total_steps, start_step)
+    last: dict[str, Any] = {}
+    try:
+        model.train()
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(start_step, total_steps):
+            micro_batches = [collate(mb, tokenizer.pad_token_id) for mb in batches.micro_batches(step)]
+            num_tokens = sum(count_label_tokens(b["loss_mask"]) for b in micro_batches)
+            lr = engine.lr
+            step_loss = torch.zeros((), device=device)
+            for batch in micro_batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with engine.autocast():
+                    logits = model(**_model_inputs(batch)).logits
+                loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"], num_tokens)
+                engine.backward(loss)
+                step_loss += loss.detach()
+                window_tokens += int(batch["input_ids"].numel())
+            grad_norm = engine.step()
+            done = step + 1
+            metrics.advance(done)
+
+            if done % cfg.train.log_every == 0 or done == total_steps:
+                elapsed = time.perf_counter() - window_start
+                last = {"loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), "num_tokens": num_tokens}
+                metrics.log(done, last)
+                window_tokens, window_start = 0, time.perf_counter()
+            if eval_samples and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
+                metrics.log(done, evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device))
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
+                run_dir.save_checkpoint(
+                    done,
+                    lambda d: save_training_state(d, model, engine, {"step": done, "samples_seen": done * batches.samples_per_step}),
+                    keep=cfg.train.keep_checkpoints,
+                )
+
+        # 5. Final evaluation and the model the next stage loads.
+        final_metrics = {"loss": last.get("loss"), "steps": total_steps}
+        if eval_samples:
+            evaluation = evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device)
+            metrics.log(total_steps, evaluation)
+            final_metrics.update(evaluation)
+    finally:
+        metrics.close()
+
+    def write_final(directory):
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    run_dir.save_final(write_final)
+    run_dir.complete(final_metrics)
+    return final_metrics
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def _split_rows(data_cfg: Any) -> tuple[list[Row], list[Row]]:
+    train = load_rows(data_cfg.train, subset=data_cfg.subset, split=data_cfg.train_split)
+    if data_cfg.eval:
+        return train, load_rows(data_cfg.eval, subset=data_cfg.subset, split=data_cfg.eval_split)
+    if not data_cfg.eval_size:
+        return train, []
+    n_eval = int(data_cfg.eval_size if data_cfg.eval_size >= 1 else round(data_cfg.eval_size * len(train)))
+    if not 0 < n_eval < len(train):
+        raise UserError(f"data.eval_size: {data_cfg.eval_size} leaves no training or no eval rows out of {len(train)}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
+
+
+def _tokenize(tokenizer, examples: list[SFTExample], stop_ids: set[int], data_cfg: Any, name: str) -> list[TokenizedSample]:
+    samples = tokenize_sft(tokenizer, examples, stop_ids)
+    report = TruncationReport()
+    kept = apply_max_length(samples, data_cfg.max_length, data_cfg.truncation, report)
+    summary = report.summary(name, data_cfg.max_length)
+    if summary:
+        log.warning(summary)
+    if examples and not kept:
+        raise UserError(f"{name}: no sample left after truncation to data.max_length={data_cfg.max_length}")
+    return kept
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, samples: list[TokenizedSample], examples: list[SFTExample],
+             stop_ids: set[int], eval_cfg: Any, device: torch.device) -> dict[str, float]:
+    """eval/loss: mean NLL per labelled token; eval/accuracy: greedy exact match on rows with an answer."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    for start in range(0, len(samples), eval_cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate(samples[start : start + eval_cfg.batch_size], tokenizer.pad_token_id).items()}
+        logits = model(**_model_inputs(batch)).logits
+        nll += float(token_nll_sum(logits, batch["input_ids"], batch["loss_mask"]))
+        tokens += count_label_tokens(batch["loss_mask"])
+    result = {"eval/loss": nll / max(tokens, 1)}
+    answered = [e for e in examples if e.answer is not None][: eval_cfg.generate]
+    if answered:
+        completions = generate(
+            model, [encode_prompt(tokenizer, e) for e in answered],
+            max_new_tokens=eval_cfg.max_new_tokens, pad_id=tokenizer.pad_token_id,
+            stop_ids=stop_ids, batch_size=eval_cfg.batch_size,
+        )
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        correct = sum(text.strip() == e.answer.strip() for text, e in zip(texts, answered))
+        result["eval/accuracy"] = correct / len(answered)
+    model.train()
+    return result
