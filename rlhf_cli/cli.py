@@ -16,6 +16,7 @@ import sys
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from rlhf_cli import __version__
 from rlhf_cli.errors import UserError
@@ -99,10 +100,22 @@ def _die(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test runners and launchers swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("rlhf")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -139,7 +152,7 @@ def split_arguments(args: list[str]) -> tuple[list[str], list[str], Optional[str
 def dispatch(stage: str, args: list[str]) -> None:
     import hydra
 
-    from rlhf_cli.config.compose import CONFIG_MODULE, check_overrides, register_schemas
+    from rlhf_cli.config.compose import CONFIG_MODULE, check_overrides, fixed_keys, register_schemas
     from rlhf_cli.config.user_yaml import yaml_overrides
 
     flags, overrides, conf = split_arguments(args)
@@ -148,10 +161,10 @@ def dispatch(stage: str, args: list[str]) -> None:
     register_schemas()
     if "--hydra-help" not in flags:
         check_overrides(stage, overrides, file_overrides)
-    if file_overrides:
-        # Sweep directories are named after the command-line overrides, not every key of the file.
-        excluded = ["resume", "logger", "output_dir"] + sorted({o.key for o in file_overrides})
-        overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]")
+    if any(flag in ("-m", "--multirun") for flag in flags):
+        # Name each sweep job's directory after the keys the sweep varies, not every override.
+        fixed = ["resume", "logger", "output_dir"] + fixed_keys(overrides)
+        overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]")
     sys.argv = [f"rlhf {stage}", *flags, *overrides]
     hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=stage, version_base="1.3")(_task)()
 
@@ -173,14 +186,19 @@ def _stage_epilog(stage: str) -> str:
     )
 
 
-def _make_stage_command(stage: str) -> None:
-    # The key table costs a config composition: build it only when this stage's help is asked for.
-    wants_help = len(sys.argv) > 2 and sys.argv[1] == stage and any(a in ("--help", "-h") for a in sys.argv[2:])
+class _StageCommand(TyperCommand):
+    """A stage verb whose help ends with the table of config keys, built only when help is shown."""
 
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        self.epilog = _stage_epilog(self.name)
+        super().format_epilog(ctx, formatter)
+
+
+def _make_stage_command(stage: str) -> None:
     @app.command(
         stage,
+        cls=_StageCommand,
         help=STAGE_HELP[stage],
-        epilog=_stage_epilog(stage) if wants_help else None,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )
     def command(

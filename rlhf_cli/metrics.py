@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,7 +110,7 @@ def _init_wandb(run_path: Path, cfg: Any):
     id_file = run_path / "wandb_id"
     run_id: Optional[str] = id_file.read_text().strip() if id_file.is_file() else None
     if run_id is None:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
     return wandb.init(
         project=cfg.wandb.project,

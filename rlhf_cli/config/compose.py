@@ -54,6 +54,12 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
+def fixed_keys(overrides: list[str]) -> list[str]:
+    """Keys of the overrides that do not sweep (one value for every job)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return sorted({o.get_key_element().lstrip("+~") for o in parsed if not o.is_sweep_override()})
+
+
 def load_config(stage: str, overrides: list[str], origins: dict[str, str] | None = None) -> Any:
     """The typed config (a schema dataclass instance) of one job."""
     origins = origins or {}

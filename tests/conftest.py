@@ -1,0 +1,39 @@
+import os
+
+# Set before torch or wandb are imported anywhere in the test session.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+
+@pytest.fixture
+def rlhf(tmp_path, monkeypatch):
+    """Run the `rlhf` CLI in-process from a fresh working directory; returns click's Result."""
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args: str):
+        from rlhf_cli.cli import app
+
+        return CliRunner().invoke(app, list(args))
+
+    return invoke
+
+
+# Tiny, fast settings for a stage run on the built-in model.
+QUICK = ["train.max_steps=3", "train.batch_size=4", "train.log_every=1", "eval.generate=0", "eval.max_samples=8"]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
