@@ -224,6 +224,8 @@ def _check_sources(cfg: Any) -> None:
 
     if cfg.model.path != TINY and looks_local(cfg.model.path) and not os.path.isdir(cfg.model.path):
         raise UserError(f"model.path: '{cfg.model.path}' is not an existing directory (nor a hub id)")
+    if os.path.isdir(cfg.model.path) and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        raise UserError(f"model.path: '{cfg.model.path}' has no config.json here, so it is not a model directory")
     for key in ("train", "eval"):
         spec = getattr(cfg.data, key)
         if spec is None:

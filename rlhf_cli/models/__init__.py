@@ -73,7 +73,7 @@ def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
         raise UserError(f"model.path={source}: no such directory")
     if local.exists() and not local.is_dir():
         raise UserError(f"model.path={source}: not a directory (a model directory holds config.json)")
-    if local.is_dir() and not (local / "config.json").is_file() and factory.__name__ != "AutoTokenizer":
+    if local.is_dir() and not (local / "config.json").is_file():
         raise UserError(f"model.path={source}: no config.json here, so not a model directory")
     try:
         return factory.from_pretrained(
