@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU torch for development and CI; GPU users install their own torch first (see README).
+# The tests pin OMP_NUM_THREADS=1 themselves (tests/conftest.py); the demo uses every core.
 CONSTRAINTS ?= constraints-cpu.txt
-export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu

@@ -145,3 +145,58 @@ def test_wandb_logger_runs_offline_and_no_secret_reaches_any_file(rlhf, tmp_path
     for path in run.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"secret found in {path}"
+
+
+def test_multirun_through_the_submitit_launcher(rlhf, tmp_path):
+    data = write_jsonl(tmp_path / "pc.jsonl", [FORMAT_ROWS["prompt_completion"]] * 8)
+    result = rlhf("sft", "-m", "hydra/launcher=submitit_local", "train.seed=1,2", f"data.train={data}",
+                  "data.eval=null", *QUICK)
+    assert result.exit_code == 0, result.output
+    manifests = sorted((tmp_path / "runs/default").glob("sft-sweep/*/*/manifest.json"))
+    assert len(manifests) == 2
+    assert all(json.loads(m.read_text())["status"] == "completed" for m in manifests)
+
+
+def test_resume_from_an_explicit_checkpoint(rlhf, tmp_path):
+    data = write_jsonl(tmp_path / "pc.jsonl", [FORMAT_ROWS["prompt_completion"]] * 8)
+    args = ["sft", f"data.train={data}", "data.eval=null", "train.max_steps=4", "train.save_every=2",
+            "train.batch_size=4", "train.log_every=1", "eval.generate=0"]
+    assert rlhf(*args, "output_dir=first").exit_code == 0
+    checkpoint = tmp_path / "first/checkpoints/step-2"
+    assert checkpoint.is_dir()
+    result = rlhf(*args, "output_dir=second", f"resume={checkpoint}")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "second/manifest.json").read_text())
+    assert manifest["resumed_from"] == str(checkpoint)
+    assert [m["step"] for m in read_jsonl(tmp_path / "second/metrics.jsonl") if "loss" in m] == [3, 4]
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from rlhf_cli.config.schema import SFTConfig
+    from rlhf_cli.metrics import MetricsLogger
+
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", terminal)
+    logger = MetricsLogger(tmp_path, SFTConfig(stage="sft"), total_steps=4, start_step=0)
+    for step in range(1, 5):
+        logger.advance(step)
+        logger.log(step, {"loss": 1.0 / step, "lr": 1e-3, "tokens_per_s": 1234.0})
+    logger.log(4, {"eval/loss": 0.5})
+    logger.close()
+    import re
+
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", terminal.getvalue())
+    assert "eval/loss 0.5" in shown and "4/4" in shown
+    assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 4]
+
+
+def test_tensorboard_logger_writes_event_files(rlhf, tmp_path):
+    data = write_jsonl(tmp_path / "pc.jsonl", [FORMAT_ROWS["prompt_completion"]] * 8)
+    result = rlhf("sft", f"data.train={data}", "data.eval=null", "logger=[jsonl,tensorboard]", *QUICK)
+    assert result.exit_code == 0, result.output
+    events = list((tmp_path / "runs/default/sft/tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

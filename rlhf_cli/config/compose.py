@@ -93,7 +93,7 @@ def stage_defaults(stage: str) -> dict[str, str]:
             else:
                 flat[f"{prefix}{key}"] = show(value)
 
-    walk(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return flat
 
 

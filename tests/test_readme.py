@@ -1,0 +1,22 @@
+"""The README's key tables are generated from the schema; they must be current."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_cli.config.schema import STAGE_SCHEMAS
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SCHEMAS))
+def test_readme_config_table_is_current(stage):
+    from config_table import table
+
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(rf"<!-- config-table:{stage} -->\n(.*?)\n<!-- /config-table:{stage} -->", readme, re.S)
+    assert found, f"README has no config table for {stage}"
+    assert found.group(1).strip() == table(stage), f"regenerate with: python scripts/config_table.py {stage}"
