@@ -1,0 +1,1 @@
+"""Data: sources, row formats, tokenisation with the label masks, batching."""
