@@ -1,0 +1,190 @@
+"""The run directory: manifest, resolved config, metrics, checkpoints and the final model.
+
+```
+<output_dir>/
+  manifest.json     stage, status (running | completed | failed), times, resolved config, parents,
+                    final metrics, library versions
+  config.yaml       the resolved config
+  metrics.jsonl     one JSON object per logged step
+  checkpoints/step-N/   full training state for an exact resume
+  final/            the trained model and tokenizer (safetensors)
+```
+Every directory that must appear whole (a checkpoint, `final/`) is written under a temporary name
+and renamed into place, so it exists complete or not at all. The manifest is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from rlhf_cli.errors import UserError
+
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+FINAL = "final"
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `target` only once the block finishes."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def redact(value: Any) -> Any:
+    """A copy of a config mapping with the values of secret-looking keys replaced."""
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("rlhf-cli", "torch", "transformers", "datasets", "hydra-core", "deepspeed", "peft"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def final_path(self) -> Path:
+        return self.path / FINAL
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    def read_manifest(self) -> Optional[dict[str, Any]]:
+        if not self.manifest_path.is_file():
+            return None
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{self.manifest_path}: corrupt manifest (not JSON)") from None
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first (a partial one keeps its temporary name)."""
+        root = self.path / CHECKPOINTS
+        if not root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def start_fresh(self) -> None:
+        """Remove what an earlier run left here (resume=never); the directory itself stays."""
+        for name in (MANIFEST, CONFIG, METRICS, FINAL, CHECKPOINTS):
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+    def begin(self, stage: str, config: dict[str, Any], config_yaml: str, parents: dict[str, Any],
+              resumed_from: Optional[str], overrides: list[str]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / CONFIG).write_text(config_yaml, encoding="utf-8")
+        previous = self.read_manifest() or {}
+        self._manifest = {
+            "stage": stage,
+            "status": "running",
+            "started_at": previous.get("started_at") or _now(),
+            "updated_at": _now(),
+            "finished_at": None,
+            "config": redact(config),
+            "overrides": overrides,
+            "parents": parents,
+            "resumed_from": resumed_from,
+            "final": None,
+            "final_metrics": None,
+            "versions": library_versions(),
+        }
+        write_json_atomic(self.manifest_path, self._manifest)
+
+    def update(self, **fields: Any) -> None:
+        self._manifest.update(fields, updated_at=_now())
+        write_json_atomic(self.manifest_path, self._manifest)
+
+    def save_checkpoint(self, step: int, write: Any, keep: int) -> Path:
+        target = self.path / CHECKPOINTS / f"step-{step}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(target) as tmp:
+            write(tmp)
+        for _, old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def save_final(self, write: Any) -> Path:
+        with atomic_directory(self.final_path) as tmp:
+            write(tmp)
+        return self.final_path
+
+    def complete(self, final_metrics: dict[str, Any], **extra: Any) -> None:
+        self.update(status="completed", finished_at=_now(), final=str(self.final_path), final_metrics=final_metrics, **extra)
+
+    def fail(self, reason: str) -> None:
+        if getattr(self, "_manifest", None) is not None:
+            self.update(status="failed", finished_at=_now(), error=reason)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
