@@ -28,6 +28,7 @@ DEBUG_ENV = "RLHF_DEBUG"
 
 STAGE_HELP = {
     "sft": "Supervised fine-tuning: learn the assistant turns (or completions) of a dataset.",
+    "train-rm": "Reward model: a scalar score learned from pairwise or ranked preferences, started from sft/final.",
 }
 # Hydra flags that take the next argument as their value.
 _HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -124,6 +125,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as transformers_logging
 
+    transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
 
 

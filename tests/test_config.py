@@ -8,6 +8,7 @@ from rlhf_cli.config.compose import fixed_keys, load_config, register_schemas, s
 from rlhf_cli.config.schema import STAGE_SCHEMAS, DataFormat, key_help
 from rlhf_cli.config.user_yaml import yaml_overrides
 from rlhf_cli.errors import UserError
+from rlhf_cli.runs.chain import STAGE_DIRS
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -22,7 +23,7 @@ def test_every_shipped_stage_yaml_composes_into_its_schema(stage):
     assert (CONF / f"{stage}.yaml").is_file()
     cfg = load_config(stage, [])
     assert isinstance(cfg, STAGE_SCHEMAS[stage]) and cfg.stage == stage
-    assert cfg.output_dir == f"runs/default/{stage}"
+    assert cfg.output_dir == f"runs/default/{STAGE_DIRS[stage]}"
 
 
 def test_every_key_has_help():

@@ -36,7 +36,10 @@ def register_schemas() -> None:
 def check_overrides(stage: str, overrides: list[str], file_overrides: list[FileOverride]) -> list[Any]:
     """Compose and validate every job the overrides describe; return their typed configs."""
     origins = {o.text: o.origin for o in file_overrides}
-    return [load_config(stage, job, origins) for job in sweep_jobs(overrides)]
+    configs = [load_config(stage, job, origins) for job in sweep_jobs(overrides)]
+    for cfg in configs:
+        check_sources(cfg)
+    return configs
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -196,14 +199,21 @@ def validate(cfg: Any) -> None:
         ("data.max_length", d.max_length >= 2, "must be at least 2"),
         ("data.eval_size", d.eval_size >= 0, "must be non-negative"),
         ("eval.max_samples", e.max_samples >= 0, "must be non-negative"),
-        ("eval.generate", e.generate >= 0, "must be non-negative"),
-        ("eval.max_new_tokens", e.max_new_tokens >= 1, "must be at least 1"),
         ("eval.batch_size", e.batch_size >= 1, "must be at least 1"),
     ]
+    if hasattr(e, "generate"):
+        checks += [
+            ("eval.generate", e.generate >= 0, "must be non-negative"),
+            ("eval.max_new_tokens", e.max_new_tokens >= 1, "must be at least 1"),
+        ]
+    if hasattr(cfg, "rm"):
+        checks += [
+            ("rm.center_coef", cfg.rm.center_coef >= 0, "must be non-negative"),
+            ("rm.stats_samples", cfg.rm.stats_samples >= 1, "must be at least 1"),
+        ]
     for key, ok, rule in checks:
         if not ok:
             raise UserError(f"{key}: {_lookup(cfg, key)!r} {rule}")
-    _check_sources(cfg)
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         raise UserError(f"resume: '{cfg.resume}' is not auto, never, or an existing checkpoint directory")
     if not cfg.output_dir:
@@ -216,16 +226,24 @@ def _lookup(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def _check_sources(cfg: Any) -> None:
+def check_sources(cfg: Any) -> None:
     """Local model and data paths that do not exist, and unknown built-in sets, before anything starts."""
     from rlhf_cli.data.builtin import BUILTINS
     from rlhf_cli.data.sources import BUILTIN_PREFIX, looks_local
     from rlhf_cli.models import TINY
 
-    if cfg.model.path != TINY and looks_local(cfg.model.path) and not os.path.isdir(cfg.model.path):
-        raise UserError(f"model.path: '{cfg.model.path}' is not an existing directory (nor a hub id)")
-    if os.path.isdir(cfg.model.path) and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
-        raise UserError(f"model.path: '{cfg.model.path}' has no config.json here, so it is not a model directory")
+    path = cfg.model.path
+    if path is None:
+        if not hasattr(cfg, "from_run"):
+            raise UserError(f"model.path: {cfg.stage} needs a model (tiny, a hub id or a local directory)")
+        from rlhf_cli.runs.chain import chained_final
+
+        chained_final(cfg.from_run, "sft", "model.path")
+    elif path != TINY:
+        if looks_local(path) and not os.path.isdir(path):
+            raise UserError(f"model.path: '{path}' is not an existing directory (nor a hub id)")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"model.path: '{path}' has no config.json here, so it is not a model directory")
     for key in ("train", "eval"):
         spec = getattr(cfg.data, key)
         if spec is None:

@@ -35,6 +35,8 @@ class DataFormat(str, Enum):
     sharegpt = "sharegpt"
     alpaca = "alpaca"
     prompt_completion = "prompt_completion"
+    preference = "preference"
+    ranked = "ranked"
 
 
 class Truncation(str, Enum):
@@ -57,7 +59,9 @@ class Logger(str, Enum):
 
 @dataclass
 class ModelConfig:
-    path: str = _key("tiny", "hub id or local directory of the model this stage trains; `tiny` is the built-in model")
+    path: Optional[str] = _key(
+        "tiny", "hub id or local directory of the model this stage trains; `tiny` is the built-in model; null chains from from_run"
+    )
     dtype: DType = _key(DType.auto, "compute dtype: fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)")
     attn_implementation: str = _key("sdpa", "attention kernel passed to transformers: sdpa, eager, flash_attention_2")
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass to save memory")
@@ -70,7 +74,9 @@ class DataConfig:
     train: str = _key("builtin:arith", "training data: hub dataset id, local .jsonl/.json/.parquet/.csv, or builtin:NAME")
     eval: Optional[str] = _key(None, "evaluation data, same forms as data.train; null carves data.eval_size rows from train")
     eval_size: float = _key(0.0, "rows carved from data.train for evaluation when data.eval is null (<1: a fraction)")
-    format: DataFormat = _key(DataFormat.auto, "row format: auto, messages, sharegpt, alpaca, prompt_completion")
+    format: DataFormat = _key(
+        DataFormat.auto, "row format: auto, messages, sharegpt, alpaca, prompt_completion, preference, ranked"
+    )
     max_length: int = _key(512, "tokens per sample, prompt and response together")
     truncation: Truncation = _key(Truncation.truncate, "samples over max_length: truncate (cut the end), drop, or error")
     packing: bool = _key(False, "pack short samples into max_length rows (no attention across samples)")
@@ -101,10 +107,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_samples: int = _key(512, "evaluation rows scored for eval/loss (0: all)")
+    max_samples: int = _key(512, "evaluation rows scored (0: all)")
+    batch_size: int = _key(64, "rows per evaluation forward or generation call")
+
+
+@dataclass
+class SFTEvalConfig(EvalConfig):
     generate: int = _key(0, "evaluation rows with an `answer` field decoded greedily for eval/accuracy (0: none)")
     max_new_tokens: int = _key(32, "tokens generated per row for eval/accuracy")
-    batch_size: int = _key(64, "rows per evaluation forward or generation call")
 
 
 @dataclass
@@ -135,8 +145,25 @@ class StageConfig:
 class SFTConfig(StageConfig):
     """Supervised fine-tuning: next-token loss on the assistant (completion) tokens only."""
 
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
 
-STAGE_SCHEMAS = {"sft": SFTConfig}
+
+@dataclass
+class RewardModelKeys:
+    center_coef: float = _key(0.0, "reward-centering regulariser: coefficient x mean((r_chosen + r_rejected)^2)")
+    use_margin: bool = _key(False, "use each pair's `margin` field (or ranked score differences) in the loss")
+    stats_samples: int = _key(1000, "training prompts whose chosen response is scored for the reward mean/std")
+
+
+@dataclass
+class TrainRMConfig(StageConfig):
+    """Reward model: Bradley-Terry on pairwise or ranked preferences, a scalar head on the last token."""
+
+    from_run: str = _key("runs/default", "run directory whose sft/final this stage starts from when model.path is null")
+    rm: RewardModelKeys = field(default_factory=RewardModelKeys)
+
+
+STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig}
 
 
 def key_help(schema: type) -> list[tuple[str, str, str]]:

@@ -5,6 +5,12 @@ a+b (a, b in 0..99), a-b (a >= b, both in 0..99) and a*b (a in 0..99, b in 0..9)
 `Q: 37+45=` with the answer `82` as the completion. Its answers can be checked exactly, so learning
 is measurable (held-out exact-match accuracy) and later RL stages can reward correctness.
 `arith_eval` is a fixed held-out set of 500 problems that never appear in `arith`.
+
+Preference sets on the same problems (held-out problems excluded from training again):
+`arith_prefs` / `arith_prefs_eval` pair the right answer (chosen) with a plausible wrong one
+(rejected): a slip of 1-3, the result of another operation, or a random number of as many digits.
+`arith_ranked` gives four answers per prompt, best first: the right one, then wrong ones by
+increasing distance from it.
 """
 
 from __future__ import annotations
@@ -53,17 +59,61 @@ def arith_rows(split: str) -> list[dict[str, str]]:
     held_out = _eval_problems()
     if split == "eval":
         return [_row(*p) for p in held_out]
-    excluded, rng, rows = set(held_out), random.Random(TRAIN_SEED), []
-    while len(rows) < TRAIN_ROWS:
+    return [_row(*p) for p in _train_problems(random.Random(TRAIN_SEED), TRAIN_ROWS)]
+
+
+def _wrong_answer(rng: random.Random, a: int, op: str, b: int) -> int:
+    right = _solve(a, op, b)
+    while True:
+        kind = rng.random()
+        if kind < 0.35:
+            wrong = right + rng.choice([-3, -2, -1, 1, 2, 3])
+        elif kind < 0.65:
+            wrong = _solve(a, rng.choice([o for o in "+-*" if o != op]), b)
+        else:
+            digits = len(str(right))
+            wrong = rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+        if wrong != right and wrong >= 0:
+            return wrong
+
+
+def _train_problems(rng: random.Random, count: int) -> list[tuple[int, str, int]]:
+    excluded, problems = set(_eval_problems()), []
+    while len(problems) < count:
         problem = _problem(rng)
         if problem not in excluded:
-            rows.append(_row(*problem))
+            problems.append(problem)
+    return problems
+
+
+def arith_preference_rows(split: str) -> list[dict[str, str]]:
+    rng = random.Random(TRAIN_SEED + 1)
+    problems = _eval_problems() if split == "eval" else _train_problems(rng, TRAIN_ROWS // 2)
+    return [
+        {"prompt": f"Q: {a}{op}{b}=", "chosen": str(_solve(a, op, b)), "rejected": str(_wrong_answer(rng, a, op, b))}
+        for a, op, b in problems
+    ]
+
+
+def arith_ranked_rows() -> list[dict]:
+    rng = random.Random(TRAIN_SEED + 2)
+    rows = []
+    for a, op, b in _train_problems(rng, TRAIN_ROWS // 4):
+        right = _solve(a, op, b)
+        wrong: set[int] = set()
+        while len(wrong) < 3:
+            wrong.add(_wrong_answer(rng, a, op, b))
+        ranked = [right] + sorted(wrong, key=lambda w: (abs(w - right), w))
+        rows.append({"prompt": f"Q: {a}{op}{b}=", "responses": [str(r) for r in ranked]})
     return rows
 
 
 BUILTINS = {
     "arith": lambda: arith_rows("train"),
     "arith_eval": lambda: arith_rows("eval"),
+    "arith_prefs": lambda: arith_preference_rows("train"),
+    "arith_prefs_eval": lambda: arith_preference_rows("eval"),
+    "arith_ranked": arith_ranked_rows,
 }
 
 

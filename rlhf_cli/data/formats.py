@@ -73,6 +73,8 @@ def detect_format(row: Row) -> DataFormat:
 
 def to_sft_examples(rows: list[Row], data_format: DataFormat) -> list[SFTExample]:
     fmt = detect_format(rows[0]) if data_format == DataFormat.auto else data_format
+    if fmt in (DataFormat.preference, DataFormat.ranked):
+        raise UserError(f"data.format: '{fmt.value}' is preference data, which sft does not train on")
     convert = {
         DataFormat.messages: _from_messages,
         DataFormat.sharegpt: _from_sharegpt,

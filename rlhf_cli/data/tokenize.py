@@ -170,3 +170,29 @@ def pack(samples: list[TokenizedSample], max_length: int) -> list[TokenizedSampl
             positions += list(range(len(samples[i].input_ids)))
         packed.append(TokenizedSample(ids, mask, samples[members[0]].where, positions))
     return packed
+
+
+def encode_prompt_response(tokenizer, prompt, response, stop_ids: set[int], where: str) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and of one response to it; the response ends with its end token.
+
+    Conversations: the prompt is rendered with the generation prompt, and the response is what
+    rendering the whole conversation adds to it (the template must be prefix-preserving).
+    Plain text: `tokens(prompt)` and `tokens(response) + [EOS]`.
+    """
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = render(tokenizer, prompt, add_generation_prompt=True)
+    full = render(tokenizer, tuple(prompt) + tuple(response))
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise UserError(
+            f"{where}: the chat template is not prefix-preserving (the prompt's tokens change once a response "
+            "follows), so the response tokens cannot be found exactly"
+        )
+    response_ids = full[len(prompt_ids) :]
+    stops = [i for i, token in enumerate(response_ids) if token in stop_ids]
+    if stops:
+        response_ids = response_ids[: stops[-1] + 1]
+    else:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids

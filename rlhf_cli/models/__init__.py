@@ -67,6 +67,42 @@ def load_causal_lm(model_cfg: Any, tokenizer, seed: int):
     return model
 
 
+def load_reward_model(model_cfg: Any, tokenizer, seed: int):
+    """A scalar-headed AutoModelForSequenceClassification (num_labels=1), read at the last non-pad token.
+
+    Started from a causal LM (an sft/final), the new head is drawn from N(0, 1/sqrt(d+1)) as in
+    Ziegler et al. 2019, rather than transformers' default.
+    """
+    import math
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kwargs = {"attn_implementation": model_cfg.attn_implementation, "dtype": torch.float32, "num_labels": 1}
+    if model_cfg.path == TINY:
+        config = AutoConfig.from_pretrained(TINY_DIR, **kwargs)
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config)
+        fresh_head = True
+    else:
+        source_config = _from_pretrained(AutoConfig, model_cfg.path, model_cfg)
+        fresh_head = not any("SequenceClassification" in a for a in (source_config.architectures or []))
+        torch.manual_seed(seed)
+        model = _from_pretrained(AutoModelForSequenceClassification, model_cfg.path, model_cfg, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    # Without it the score is read at the wrong position (TRL issue 937).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    head = getattr(model, "score", None)
+    if fresh_head and isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
 def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
     local = Path(source)
     if not local.exists() and looks_local(source):

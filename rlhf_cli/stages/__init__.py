@@ -93,3 +93,22 @@ def describe_model_source(path: str) -> dict[str, Any]:
         recorded = RunDir(Path(path).parent).read_manifest() or {}
         source.update(run=str(Path(path).parent), stage=recorded.get("stage"))
     return source
+
+
+def split_rows(data_cfg: Any) -> tuple[list[Row], list[Row]]:
+    """Training and evaluation rows: data.eval when given, else data.eval_size rows carved from train."""
+    import torch
+
+    from rlhf_cli.data.sources import load_rows
+
+    train = load_rows(data_cfg.train, subset=data_cfg.subset, split=data_cfg.train_split)
+    if data_cfg.eval:
+        return train, load_rows(data_cfg.eval, subset=data_cfg.subset, split=data_cfg.eval_split)
+    if not data_cfg.eval_size:
+        return train, []
+    n_eval = int(data_cfg.eval_size if data_cfg.eval_size >= 1 else max(1, round(data_cfg.eval_size * len(train))))
+    if not 0 < n_eval < len(train):
+        raise UserError(f"data.eval_size: {data_cfg.eval_size} leaves no training or no eval rows out of {len(train)}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]

@@ -1,5 +1,5 @@
 """Stage name -> the function that runs it (imported only when a stage runs)."""
 
-from rlhf_cli.stages import sft
+from rlhf_cli.stages import sft, train_rm
 
-STAGE_RUNNERS = {"sft": sft.run}
+STAGE_RUNNERS = {"sft": sft.run, "train-rm": train_rm.run}

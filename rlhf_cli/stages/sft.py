@@ -17,7 +17,6 @@ import torch
 from rlhf_cli.algos.losses import count_label_tokens, sft_loss, token_nll_sum
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.formats import SFTExample, to_sft_examples
-from rlhf_cli.data.sources import Row, load_rows
 from rlhf_cli.data.tokenize import (
     TokenizedSample,
     TruncationReport,
@@ -33,7 +32,7 @@ from rlhf_cli.metrics import MetricsLogger
 from rlhf_cli.models import count_parameters, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.rollout import generate
 from rlhf_cli.runs.checkpoint import load_training_state, save_training_state
-from rlhf_cli.stages import RunStart, describe_model_source, seed_everything
+from rlhf_cli.stages import RunStart, describe_model_source, seed_everything, split_rows
 
 log = logging.getLogger("rlhf")
 
@@ -48,7 +47,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
 
     # 2. Data: rows -> examples -> token ids with label masks -> (packed) samples.
-    train_rows, eval_rows = _split_rows(cfg.data)
+    train_rows, eval_rows = split_rows(cfg.data)
     train_examples = to_sft_examples(train_rows, cfg.data.format)
     eval_examples = to_sft_examples(eval_rows, cfg.data.format) if eval_rows else []
     train_samples = _tokenize(tokenizer, train_examples, stop_ids, cfg.data, "data.train")
@@ -137,20 +136,6 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-
-
-def _split_rows(data_cfg: Any) -> tuple[list[Row], list[Row]]:
-    train = load_rows(data_cfg.train, subset=data_cfg.subset, split=data_cfg.train_split)
-    if data_cfg.eval:
-        return train, load_rows(data_cfg.eval, subset=data_cfg.subset, split=data_cfg.eval_split)
-    if not data_cfg.eval_size:
-        return train, []
-    n_eval = int(data_cfg.eval_size if data_cfg.eval_size >= 1 else round(data_cfg.eval_size * len(train)))
-    if not 0 < n_eval < len(train):
-        raise UserError(f"data.eval_size: {data_cfg.eval_size} leaves no training or no eval rows out of {len(train)}")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
 
 
 def _tokenize(tokenizer, examples: list[SFTExample], stop_ids: set[int], data_cfg: Any, name: str) -> list[TokenizedSample]:

@@ -1,0 +1,28 @@
+"""Stage chaining through manifests: a stage finds its parents' `final/` in `from_run`, never by
+guessing names or times. `sft/final` starts train-rm (and is the policy and reference of the RL
+stages); `rm/final` is PPO's reward model and the start of its critic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.runs import RunDir
+
+# The directory of each stage inside a run directory such as runs/default/.
+STAGE_DIRS = {"sft": "sft", "train-rm": "rm", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
+
+
+def chained_final(from_run: str, parent_stage: str, key: str) -> str:
+    """The `final/` of the completed `parent_stage` run inside `from_run`, or an error saying what to run."""
+    run = RunDir(Path(from_run) / STAGE_DIRS[parent_stage])
+    manifest = run.read_manifest()
+    if manifest is None or manifest.get("status") != "completed" or not run.final_path.is_dir():
+        state = "holds no run" if manifest is None else f"holds a {manifest.get('status')} run"
+        raise UserError(
+            f"{key} is null and {run.path} {state}: run `rlhf {parent_stage}` first "
+            f"(or set {key}, or from_run to a run directory with a completed {parent_stage})"
+        )
+    if manifest.get("stage") != parent_stage:
+        raise UserError(f"{run.path}: holds a {manifest.get('stage')} run, not {parent_stage}")
+    return str(run.final_path)

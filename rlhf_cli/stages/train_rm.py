@@ -1,0 +1,225 @@
+"""rlhf train-rm: a scalar reward model from pairwise or ranked preferences (InstructGPT step 2).
+
+The model is `AutoModelForSequenceClassification` with one output, read at the last non-padding
+token (the response's end token), started from `from_run`'s sft/final unless `model.path` is set.
+The loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected - margin). A ranked prompt with K
+responses contributes all K(K-1)/2 pairs, each response encoded once, and (as in InstructGPT) its
+pairs share a weight of 1/C(K,2), so each prompt counts once; the step loss averages over prompts.
+At the end the reward's mean and standard deviation over the training prompts' chosen responses
+are recorded in the manifest (`reward_stats`) for PPO's reward normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf_cli.algos.rewards import bradley_terry_loss, reward_centering_penalty
+from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.preferences import PreferenceGroup, to_preference_groups
+from rlhf_cli.data.sources import load_rows
+from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
+from rlhf_cli.engine import TorchEngine
+from rlhf_cli.errors import UserError
+from rlhf_cli.metrics import MetricsLogger
+from rlhf_cli.models import count_parameters, load_reward_model, load_tokenizer, resolve_dtype
+from rlhf_cli.runs.chain import chained_final
+from rlhf_cli.runs.checkpoint import load_training_state, save_training_state
+from rlhf_cli.stages import RunStart, describe_model_source, seed_everything, split_rows
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass(frozen=True)
+class EncodedGroup:
+    where: str
+    sequences: tuple[tuple[int, ...], ...]  # prompt + response ids, one per response
+    pairs: tuple[tuple[int, int, float], ...]
+
+
+def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
+    # 1. Model (sft/final of from_run unless model.path is set) and tokenizer.
+    seed_everything(cfg.train.seed)
+    if cfg.model.path is None:
+        cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+
+    # 2. Data: preference rows -> groups of responses with their pairs -> token ids.
+    train_rows, eval_rows = split_rows(cfg.data)
+    train_groups = _encode(tokenizer, to_preference_groups(train_rows, cfg.data.format, cfg.rm.use_margin), stop_ids, cfg.data, "data.train")
+    eval_groups = (
+        _encode(tokenizer, to_preference_groups(eval_rows, cfg.data.format, cfg.rm.use_margin), stop_ids, cfg.data, "data.eval")
+        if eval_rows else []
+    )[: cfg.eval.max_samples or None]
+    batches = StepBatches(train_groups, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * len(train_groups) / batches.samples_per_step))
+
+    # 3. Engine, and the state to resume from.
+    engine = TorchEngine(model, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
+    run_dir = start.run
+    start_step = 0
+    if start.checkpoint is not None:
+        start_step = load_training_state(start.checkpoint, model, engine)["step"]
+        log.info(f"resuming from {start.checkpoint} (step {start_step})")
+    elif cfg.resume == "never":
+        run_dir.start_fresh()
+    run_dir.begin(
+        cfg.stage, start.config, start.config_yaml,
+        parents={"model": describe_model_source(cfg.model.path)},
+        resumed_from=str(start.checkpoint) if start.checkpoint else None,
+        overrides=overrides,
+    )
+    n_pairs = sum(len(g.pairs) for g in train_groups)
+    log.info(
+        f"train-rm: {count_parameters(model) / 1e6:.2f}M parameters, {len(train_groups)} training prompts "
+        f"({n_pairs} pairs), {len(eval_groups)} eval prompts, {total_steps} steps of {batches.samples_per_step} prompts -> {run_dir.path}"
+    )
+
+    # 4. Train.
+    metrics = MetricsLogger(run_dir.path, cfg, total_steps, start_step)
+    last: dict[str, Any] = {}
+    try:
+        model.train()
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(start_step, total_steps):
+            micro_batches = batches.micro_batches(step)
+            prompts_in_step = sum(len(mb) for mb in micro_batches)
+            lr = engine.lr
+            totals = torch.zeros(4, device=device)  # loss, correct pairs, margin sum, pairs
+            for groups in micro_batches:
+                rewards = _rewards(model, groups, tokenizer.pad_token_id, device, engine)
+                chosen, rejected, margins, weights = _pairs(groups, rewards, prompts_in_step, device)
+                loss = bradley_terry_loss(chosen, rejected, margins, weights)
+                if cfg.rm.center_coef:
+                    loss = loss + cfg.rm.center_coef * reward_centering_penalty(chosen, rejected, weights)
+                engine.backward(loss)
+                gap = (chosen - rejected).detach()
+                totals += torch.stack([loss.detach(), (gap > 0).sum(), gap.sum(), torch.tensor(float(gap.numel()))])
+                window_tokens += sum(len(s) for g in groups for s in g.sequences)
+            grad_norm = engine.step()
+            done = step + 1
+            metrics.advance(done)
+
+            if done % cfg.train.log_every == 0 or done == total_steps:
+                loss_sum, correct, gap_sum, pairs = totals.tolist()
+                elapsed = time.perf_counter() - window_start
+                last = {"loss": loss_sum, "accuracy": correct / pairs, "margin": gap_sum / pairs, "lr": lr,
+                        "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                metrics.log(done, last)
+                window_tokens, window_start = 0, time.perf_counter()
+            if eval_groups and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
+                metrics.log(done, evaluate(model, eval_groups, tokenizer.pad_token_id, cfg.eval.batch_size, device, engine))
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
+                run_dir.save_checkpoint(
+                    done, lambda d: save_training_state(d, model, engine, {"step": done}), keep=cfg.train.keep_checkpoints
+                )
+
+        # 5. Final evaluation, the reward statistics PPO normalises with, and the model.
+        final_metrics = {k: last.get(k) for k in ("loss", "accuracy", "margin")} | {"steps": total_steps}
+        if eval_groups:
+            evaluation = evaluate(model, eval_groups, tokenizer.pad_token_id, cfg.eval.batch_size, device, engine)
+            metrics.log(total_steps, evaluation)
+            final_metrics.update(evaluation)
+    finally:
+        metrics.close()
+    stats = chosen_reward_stats(model, train_groups[: cfg.rm.stats_samples], tokenizer.pad_token_id, cfg.eval.batch_size, device, engine)
+    log.info(f"reward over {stats['samples']} chosen training responses: mean {stats['mean']:.4f}, std {stats['std']:.4f}")
+
+    def write_final(directory):
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    run_dir.save_final(write_final)
+    run_dir.complete(final_metrics, reward_stats=stats)
+    return final_metrics
+
+
+def _encode(tokenizer, groups: list[PreferenceGroup], stop_ids: set[int], data_cfg: Any, name: str) -> list[EncodedGroup]:
+    """Token ids of every response of every group; groups over data.max_length are cut, dropped or refused."""
+    encoded, truncated, dropped = [], 0, []
+    for group in groups:
+        sequences = []
+        for response in group.responses:
+            prompt_ids, response_ids = encode_prompt_response(tokenizer, group.prompt, response, stop_ids, group.where)
+            sequences.append(tuple(prompt_ids + response_ids))
+        if max(len(s) for s in sequences) > data_cfg.max_length:
+            if data_cfg.truncation.value == "error":
+                raise UserError(f"{group.where}: {max(len(s) for s in sequences)} tokens, over data.max_length={data_cfg.max_length}")
+            if data_cfg.truncation.value == "drop":
+                dropped.append(group.where)
+                continue
+            truncated += 1
+            sequences = [s[: data_cfg.max_length] for s in sequences]
+            if any(sequences[a] == sequences[b] for a, b, _ in group.pairs):
+                dropped.append(group.where)  # truncation left a pair's two responses identical
+                continue
+        encoded.append(EncodedGroup(group.where, tuple(sequences), group.pairs))
+    if truncated or dropped:
+        log.warning(f"{name}: {truncated} of {len(groups)} prompts truncated to data.max_length={data_cfg.max_length}, {len(dropped)} dropped")
+    if groups and not encoded:
+        raise UserError(f"{name}: no prompt left after data.max_length={data_cfg.max_length}")
+    return encoded
+
+
+def _rewards(model, groups: list[EncodedGroup], pad_id: int, device: torch.device, engine: TorchEngine) -> torch.Tensor:
+    """(N,) rewards of every sequence of the groups, in order."""
+    samples = [TokenizedSample(list(s), [False] * len(s), g.where) for g in groups for s in g.sequences]
+    batch = collate(samples, pad_id)
+    with engine.autocast():
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    return logits[:, 0].float()
+
+
+def _pairs(groups: list[EncodedGroup], rewards: torch.Tensor, prompts_in_step: int, device: torch.device):
+    """(chosen, rejected, margins, weights), each (P,), for every pair of the groups."""
+    chosen_index, rejected_index, margins, weights = [], [], [], []
+    offset = 0
+    for group in groups:
+        for better, worse, margin in group.pairs:
+            chosen_index.append(offset + better)
+            rejected_index.append(offset + worse)
+            margins.append(margin)
+            weights.append(1.0 / (len(group.pairs) * prompts_in_step))
+        offset += len(group.sequences)
+    as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    return (
+        rewards[as_tensor(chosen_index, torch.long)],
+        rewards[as_tensor(rejected_index, torch.long)],
+        as_tensor(margins, torch.float32),
+        as_tensor(weights, torch.float32),
+    )
+
+
+@torch.no_grad()
+def evaluate(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine: TorchEngine) -> dict[str, float]:
+    """eval/loss, eval/accuracy (pairs whose chosen response scores higher) and eval/margin over the eval prompts."""
+    model.eval()
+    loss, correct, gap_sum, pairs = 0.0, 0, 0.0, 0
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start : start + batch_size]
+        rewards = _rewards(model, chunk, pad_id, device, engine)
+        chosen, rejected, margins, weights = _pairs(chunk, rewards, len(groups), device)
+        loss += float(bradley_terry_loss(chosen, rejected, margins, weights))
+        gap = chosen - rejected
+        correct += int((gap > 0).sum())
+        gap_sum += float(gap.sum())
+        pairs += gap.numel()
+    model.train()
+    return {"eval/loss": loss, "eval/accuracy": correct / pairs, "eval/margin": gap_sum / pairs}
+
+
+@torch.no_grad()
+def chosen_reward_stats(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine: TorchEngine) -> dict[str, float]:
+    """Mean and standard deviation of the reward of each prompt's best response."""
+    model.eval()
+    best = [EncodedGroup(g.where, (g.sequences[g.pairs[0][0]],), ()) for g in groups]
+    rewards = torch.cat([_rewards(model, best[i : i + batch_size], pad_id, device, engine) for i in range(0, len(best), batch_size)])
+    return {"mean": float(rewards.mean()), "std": float(rewards.std()) if len(rewards) > 1 else 0.0, "samples": len(rewards)}
