@@ -25,7 +25,7 @@ test: install
 	$(BIN)/pytest -q -m "not slow"
 
 test-slow: install
-	$(BIN)/pytest -q -m slow
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m slow
 
 clean:
 	rm -rf runs outputs multirun wandb .pytest_cache

@@ -1,7 +1,6 @@
 """The `rlhf sft` command end to end, in-process, on the built-in tiny model."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,12 +7,15 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import OmegaConf
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.runs import MANIFEST, RunDir, redact
+
+if TYPE_CHECKING:
+    from rlhf_cli.data.sources import Row
 
 log = logging.getLogger("rlhf")
 
@@ -112,3 +115,48 @@ def split_rows(data_cfg: Any) -> tuple[list[Row], list[Row]]:
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     held = set(order[:n_eval])
     return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
+
+
+def plan_steps(train_cfg: Any, n_items: int, items_per_step: int) -> int:
+    """Optimizer steps of the run: train.max_steps, else train.epochs passes over the items."""
+    return train_cfg.max_steps or max(1, int(train_cfg.epochs * n_items / items_per_step))
+
+
+def due(every: int, done: int, total: int) -> bool:
+    """Whether a periodic action (eval, checkpoint) falls on step `done`; the last step has its own."""
+    return bool(every) and done % every == 0 and done < total
+
+
+def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: dict[str, Any], overrides: list[str]) -> int:
+    """Restore the checkpoint to resume from (or clear an earlier run for resume=never), record the
+    manifest as running, and return the step training starts at."""
+    from rlhf_cli.runs.checkpoint import load_training_state
+
+    start_step = 0
+    if start.checkpoint is not None:
+        start_step = load_training_state(start.checkpoint, model, engine)["step"]
+        log.info(f"resuming from {start.checkpoint} (step {start_step})")
+    elif cfg.resume == "never":
+        start.run.start_fresh()
+    start.run.begin(
+        cfg.stage, start.config, start.config_yaml, parents=parents,
+        resumed_from=str(start.checkpoint) if start.checkpoint else None, overrides=overrides,
+    )
+    return start_step
+
+
+def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: Any) -> None:
+    from rlhf_cli.runs.checkpoint import save_training_state
+
+    start.run.save_checkpoint(step, lambda d: save_training_state(d, model, engine, {"step": step}), keep=cfg.train.keep_checkpoints)
+
+
+def finish(start: RunStart, model: Any, tokenizer: Any, final_metrics: dict[str, Any], **extra: Any) -> None:
+    """Write final/ (model and tokenizer, safetensors) and mark the run completed."""
+
+    def write_final(directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    start.run.save_final(write_final)
+    start.run.complete(final_metrics, **extra)

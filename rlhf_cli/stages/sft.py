@@ -31,8 +31,17 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger
 from rlhf_cli.models import count_parameters, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.rollout import generate
-from rlhf_cli.runs.checkpoint import load_training_state, save_training_state
-from rlhf_cli.stages import RunStart, describe_model_source, seed_everything, split_rows
+from rlhf_cli.stages import (
+    RunStart,
+    begin_training,
+    describe_model_source,
+    due,
+    finish,
+    plan_steps,
+    save_checkpoint,
+    seed_everything,
+    split_rows,
+)
 
 log = logging.getLogger("rlhf")
 
@@ -55,31 +64,18 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     if cfg.data.packing:
         train_samples = pack(train_samples, cfg.data.max_length)
     batches = StepBatches(train_samples, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
-    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * len(train_samples) / batches.samples_per_step))
+    total_steps = plan_steps(cfg.train, len(train_samples), batches.samples_per_step)
 
     # 3. Engine, and the state to resume from.
     engine = TorchEngine(model, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
-    run_dir = start.run
-    start_step = 0
-    if start.checkpoint is not None:
-        state = load_training_state(start.checkpoint, model, engine)
-        start_step = state["step"]
-        log.info(f"resuming from {start.checkpoint} (step {start_step})")
-    elif cfg.resume == "never":
-        run_dir.start_fresh()
-    run_dir.begin(
-        cfg.stage, start.config, start.config_yaml,
-        parents={"model": describe_model_source(cfg.model.path)},
-        resumed_from=str(start.checkpoint) if start.checkpoint else None,
-        overrides=overrides,
-    )
+    start_step = begin_training(cfg, start, model, engine, {"model": describe_model_source(cfg.model.path)}, overrides)
     log.info(
         f"sft: {count_parameters(model) / 1e6:.2f}M parameters, {len(train_samples)} training samples, "
-        f"{len(eval_samples)} eval samples, {total_steps} steps of {batches.samples_per_step} samples -> {run_dir.path}"
+        f"{len(eval_samples)} eval samples, {total_steps} steps of {batches.samples_per_step} samples -> {start.run.path}"
     )
 
     # 4. Train.
-    metrics = MetricsLogger(run_dir.path, cfg, total_steps, start_step)
+    metrics = MetricsLogger(start.run.path, cfg, total_steps, start_step)
     last: dict[str, Any] = {}
     try:
         model.train()
@@ -107,14 +103,10 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9), "num_tokens": num_tokens}
                 metrics.log(done, last)
                 window_tokens, window_start = 0, time.perf_counter()
-            if eval_samples and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
+            if eval_samples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device))
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
-                run_dir.save_checkpoint(
-                    done,
-                    lambda d: save_training_state(d, model, engine, {"step": done, "samples_seen": done * batches.samples_per_step}),
-                    keep=cfg.train.keep_checkpoints,
-                )
+            if due(cfg.train.save_every, done, total_steps):
+                save_checkpoint(cfg, start, done, model, engine)
 
         # 5. Final evaluation and the model the next stage loads.
         final_metrics = {"loss": last.get("loss"), "steps": total_steps}
@@ -124,13 +116,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-
-    def write_final(directory):
-        model.save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
-
-    run_dir.save_final(write_final)
-    run_dir.complete(final_metrics)
+    finish(start, model, tokenizer, final_metrics)
     return final_metrics
 
 

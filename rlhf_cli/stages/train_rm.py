@@ -21,15 +21,23 @@ import torch
 from rlhf_cli.algos.rewards import bradley_terry_loss, reward_centering_penalty
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.preferences import PreferenceGroup, to_preference_groups
-from rlhf_cli.data.sources import load_rows
 from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger
 from rlhf_cli.models import count_parameters, load_reward_model, load_tokenizer, resolve_dtype
 from rlhf_cli.runs.chain import chained_final
-from rlhf_cli.runs.checkpoint import load_training_state, save_training_state
-from rlhf_cli.stages import RunStart, describe_model_source, seed_everything, split_rows
+from rlhf_cli.stages import (
+    RunStart,
+    begin_training,
+    describe_model_source,
+    due,
+    finish,
+    plan_steps,
+    save_checkpoint,
+    seed_everything,
+    split_rows,
+)
 
 log = logging.getLogger("rlhf")
 
@@ -60,31 +68,19 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         if eval_rows else []
     )[: cfg.eval.max_samples or None]
     batches = StepBatches(train_groups, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
-    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * len(train_groups) / batches.samples_per_step))
+    total_steps = plan_steps(cfg.train, len(train_groups), batches.samples_per_step)
 
     # 3. Engine, and the state to resume from.
     engine = TorchEngine(model, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
-    run_dir = start.run
-    start_step = 0
-    if start.checkpoint is not None:
-        start_step = load_training_state(start.checkpoint, model, engine)["step"]
-        log.info(f"resuming from {start.checkpoint} (step {start_step})")
-    elif cfg.resume == "never":
-        run_dir.start_fresh()
-    run_dir.begin(
-        cfg.stage, start.config, start.config_yaml,
-        parents={"model": describe_model_source(cfg.model.path)},
-        resumed_from=str(start.checkpoint) if start.checkpoint else None,
-        overrides=overrides,
-    )
+    start_step = begin_training(cfg, start, model, engine, {"model": describe_model_source(cfg.model.path)}, overrides)
     n_pairs = sum(len(g.pairs) for g in train_groups)
     log.info(
         f"train-rm: {count_parameters(model) / 1e6:.2f}M parameters, {len(train_groups)} training prompts "
-        f"({n_pairs} pairs), {len(eval_groups)} eval prompts, {total_steps} steps of {batches.samples_per_step} prompts -> {run_dir.path}"
+        f"({n_pairs} pairs), {len(eval_groups)} eval prompts, {total_steps} steps of {batches.samples_per_step} prompts -> {start.run.path}"
     )
 
     # 4. Train.
-    metrics = MetricsLogger(run_dir.path, cfg, total_steps, start_step)
+    metrics = MetricsLogger(start.run.path, cfg, total_steps, start_step)
     last: dict[str, Any] = {}
     try:
         model.train()
@@ -115,12 +111,10 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                         "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                 metrics.log(done, last)
                 window_tokens, window_start = 0, time.perf_counter()
-            if eval_groups and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
+            if eval_groups and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, eval_groups, tokenizer.pad_token_id, cfg.eval.batch_size, device, engine))
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
-                run_dir.save_checkpoint(
-                    done, lambda d: save_training_state(d, model, engine, {"step": done}), keep=cfg.train.keep_checkpoints
-                )
+            if due(cfg.train.save_every, done, total_steps):
+                save_checkpoint(cfg, start, done, model, engine)
 
         # 5. Final evaluation, the reward statistics PPO normalises with, and the model.
         final_metrics = {k: last.get(k) for k in ("loss", "accuracy", "margin")} | {"steps": total_steps}
@@ -133,12 +127,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     stats = chosen_reward_stats(model, train_groups[: cfg.rm.stats_samples], tokenizer.pad_token_id, cfg.eval.batch_size, device, engine)
     log.info(f"reward over {stats['samples']} chosen training responses: mean {stats['mean']:.4f}, std {stats['std']:.4f}")
 
-    def write_final(directory):
-        model.save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
-
-    run_dir.save_final(write_final)
-    run_dir.complete(final_metrics, reward_stats=stats)
+    finish(start, model, tokenizer, final_metrics, reward_stats=stats)
     return final_metrics
 
 
