@@ -91,8 +91,8 @@ def _field(row: Row, key: str, kind: type | tuple[type, ...], required: bool = T
             raise UserError(f"{row.where}: missing field '{key}'")
         return None
     if not isinstance(value, kind):
-        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise UserError(f"{row.where}: field '{key}' must be {_article(expected)}, found {type(value).__name__}")
+        expected = " or ".join(_article(k.__name__) for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise UserError(f"{row.where}: field '{key}' must be {expected}, found {type(value).__name__}")
     return value
 
 
@@ -113,7 +113,7 @@ def _messages(row: Row, key: str, items: list, role_key: str, content_key: str,
         if not isinstance(item, dict):
             raise UserError(f"{place} must be an object with '{role_key}' and '{content_key}'")
         role, content = item.get(role_key), item.get(content_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise UserError(f"{place}.{role_key}: '{role}' is not one of {', '.join(roles)}")
         if not isinstance(content, str):
             raise UserError(f"{place}.{content_key} must be a string, found {type(content).__name__}")

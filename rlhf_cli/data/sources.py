@@ -46,7 +46,7 @@ def load_rows(spec: str, *, subset: Optional[str] = None, split: str = "train") 
 
 def looks_local(spec: str) -> bool:
     """A hub id is `name` or `org/name`; a path with a file suffix, a leading ./ or /, or deeper nesting is local."""
-    return spec.endswith(LOCAL_SUFFIXES) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    return spec.lower().endswith(LOCAL_SUFFIXES) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
 def _read_file(path: Path) -> list[Row]:
@@ -95,7 +95,7 @@ def _read_json(path: Path) -> list[Row]:
             return _read_jsonl(path)
         raise UserError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
     if isinstance(value, dict):
-        value = [value]
+        return [Row(value, f"{path}:1")]
     if not isinstance(value, list):
         raise UserError(f"{path}:1: expected a list of objects, found {type(value).__name__}")
     line_of = _object_lines(text)
@@ -112,8 +112,11 @@ def _object_lines(text: str):
         if ch == "\n":
             line += 1
         if in_string:
-            escaped = ch == "\\" and not escaped
-            if ch == '"' and not escaped:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
                 in_string = False
             continue
         if ch == '"':

@@ -88,7 +88,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             for batch in micro_batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with engine.autocast():
-                    logits = model(**_model_inputs(batch)).logits
+                    logits = model(**forward_inputs(batch)).logits
                 loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"], num_tokens)
                 engine.backward(loss)
                 step_loss += loss.detach()
@@ -120,8 +120,11 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     return final_metrics
 
 
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+def forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    # No KV cache in a training or scoring forward: with one, transformers skips the per-sample
+    # attention it derives from the position ids of packed rows, and attention leaks across samples.
+    inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return inputs | {"use_cache": False}
 
 
 def _tokenize(tokenizer, examples: list[SFTExample], stop_ids: set[int], data_cfg: Any, name: str) -> list[TokenizedSample]:
@@ -144,7 +147,7 @@ def evaluate(model, tokenizer, samples: list[TokenizedSample], examples: list[SF
     nll, tokens = 0.0, 0
     for start in range(0, len(samples), eval_cfg.batch_size):
         batch = {k: v.to(device) for k, v in collate(samples[start : start + eval_cfg.batch_size], tokenizer.pad_token_id).items()}
-        logits = model(**_model_inputs(batch)).logits
+        logits = model(**forward_inputs(batch)).logits
         nll += float(token_nll_sum(logits, batch["input_ids"], batch["loss_mask"]))
         tokens += count_label_tokens(batch["loss_mask"])
     result = {"eval/loss": nll / max(tokens, 1)}

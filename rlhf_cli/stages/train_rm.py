@@ -163,7 +163,9 @@ def _rewards(model, groups: list[EncodedGroup], pad_id: int, device: torch.devic
     samples = [TokenizedSample(list(s), [False] * len(s), g.where) for g in groups for s in g.sequences]
     batch = collate(samples, pad_id)
     with engine.autocast():
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        ).logits
     return logits[:, 0].float()
 
 

@@ -143,12 +143,6 @@ def test_messages_missing_role():
     assert "messages[0].role" in message and "'None'" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="formats._messages: `role not in roles` on an unhashable role (list/dict) raises TypeError "
-    "('unhashable type') instead of a UserError naming the row",
-)
 @pytest.mark.parametrize("role", [["user"], {"name": "user"}])
 def test_messages_unhashable_role_is_a_user_error(role):
     message = error({"messages": [{"role": role, "content": "u"}, {"role": "assistant", "content": "a"}]})
@@ -336,11 +330,6 @@ def test_prompt_completion_wrong_type():
     assert "str" in message and "list" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="formats._field: _article() is applied to the joined 'str or list', which it does not know, so the "
-    "message reads 'must be str or list' instead of 'must be a string or a list' like the one-type messages",
-)
 def test_prompt_completion_wrong_type_wording():
     assert error({"prompt": 3, "completion": "c"}) == f"{W}: field 'prompt' must be a string or a list, found int"
 

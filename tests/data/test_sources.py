@@ -113,11 +113,6 @@ def test_json_list_lines_ignore_braces_inside_strings_and_nested_objects(tmp_pat
     assert [r.where for r in rows] == [f"{spec}:2", f"{spec}:3"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources._object_lines: an escaped quote (\\\") inside a string ends the string in the scanner "
-    "(`escaped` is recomputed before it is tested), so later rows of a JSON array get where 'file.json:?'",
-)
 def test_json_list_lines_with_escaped_quotes(tmp_path):
     first = {"prompt": 'say "hi', "completion": "y"}
     text = "[\n" + json.dumps(first) + ",\n" + json.dumps(PC2) + ",\n" + json.dumps(PC3) + "\n]\n"
@@ -134,11 +129,6 @@ def test_json_single_object_is_one_row(tmp_path):
     assert rows[0].where.startswith(f"{spec}:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources._read_json: a single top-level object is wrapped in a list but _object_lines only counts "
-    "'{' at depth 1, so its where is 'one.json:?' instead of 'one.json:1'",
-)
 def test_json_single_object_where_is_its_line(tmp_path):
     spec = _write(tmp_path / "one.json", json.dumps(PC1) + "\n")
     assert load_rows(spec)[0].where == f"{spec}:1"
@@ -340,10 +330,5 @@ def test_looks_local(spec, local):
     assert looks_local(spec) is local
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources.looks_local is case-sensitive about suffixes while _read_file lower-cases them: "
-    "a missing 'DATA.JSONL' is treated as a hub id instead of 'no such file'",
-)
 def test_looks_local_uppercase_suffix():
     assert looks_local("DATA.JSONL")

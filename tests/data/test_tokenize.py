@@ -422,19 +422,12 @@ def test_without_position_ids_samples_attend_across_boundaries(model, packed_thr
     assert not torch.allclose(logits[first : first + second], _alone(model, order[1]), atol=1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="packing leaks attention across samples in the training call: transformers only derives the per-sample "
-    "mask from position_ids when past_key_values is None, but with config.use_cache=True (the tiny config, and "
-    "load_causal_lm only turns it off under gradient checkpointing) LlamaModel.forward creates a DynamicCache first; "
-    "stages/sft.py calls model(input_ids=..., position_ids=...) without use_cache=False",
-)
 @torch.no_grad()
 def test_packed_row_isolated_in_the_call_sft_makes(model, tok, packed_three):
     row, order = packed_three
-    batch = collate([row], tok.pad_token_id)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs).logits[0]
+    from rlhf_cli.stages.sft import forward_inputs
+
+    logits = model(**forward_inputs(collate([row], tok.pad_token_id))).logits[0]
     offset = 0
     for sample in order:
         n = len(sample.input_ids)
