@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow bench clean
 
 $(BIN)/rlhf: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: install
 
 test-slow: install
 	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m slow
+
+bench: install
+	OMP_NUM_THREADS=2 $(BIN)/python bench/dpo_reference_memory.py
 
 clean:
 	rm -rf runs outputs multirun wandb .pytest_cache

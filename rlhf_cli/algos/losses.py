@@ -28,3 +28,15 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
 def count_label_tokens(loss_mask: torch.Tensor) -> int:
     """Tokens that sft_loss counts in a (B, T) loss mask."""
     return int(loss_mask[:, 1:].sum())
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of the labelled tokens' log-probabilities, and their count; both (B,).
+
+    log p(token) = logit(token) - logsumexp(logits): the (B, T, V) log-softmax is never materialised.
+    """
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:]
+    shifted = logits[:, :-1].float()
+    token_logprobs = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(shifted, dim=-1)
+    return (token_logprobs * mask).sum(-1), mask.sum(-1)

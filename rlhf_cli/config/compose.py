@@ -211,6 +211,13 @@ def validate(cfg: Any) -> None:
             ("rm.center_coef", cfg.rm.center_coef >= 0, "must be non-negative"),
             ("rm.stats_samples", cfg.rm.stats_samples >= 1, "must be at least 1"),
         ]
+    if hasattr(cfg, "dpo"):
+        smoothing_limit = 0.5 if cfg.dpo.loss.value == "robust" else 1.0
+        checks += [
+            ("dpo.beta", cfg.dpo.beta > 0, "must be positive"),
+            ("dpo.label_smoothing", 0 <= cfg.dpo.label_smoothing < smoothing_limit, f"must be in [0, {smoothing_limit})"),
+            ("dpo.sft_weight", cfg.dpo.sft_weight >= 0, "must be non-negative"),
+        ]
     for key, ok, rule in checks:
         if not ok:
             raise UserError(f"{key}: {_lookup(cfg, key)!r} {rule}")
@@ -232,24 +239,28 @@ def check_sources(cfg: Any) -> None:
     from rlhf_cli.data.sources import BUILTIN_PREFIX, looks_local
     from rlhf_cli.models import TINY
 
-    path = cfg.model.path
-    if path is None:
+    if cfg.model.path is None:
         if not hasattr(cfg, "from_run"):
             raise UserError(f"model.path: {cfg.stage} needs a model (tiny, a hub id or a local directory)")
         from rlhf_cli.runs.chain import chained_final
 
         chained_final(cfg.from_run, "sft", "model.path")
-    elif path != TINY:
+    reference = getattr(getattr(cfg, "ref", None), "path", None)
+    for key, path in (("model.path", cfg.model.path), ("ref.path", reference)):
+        if path is None or path == TINY:
+            continue
         if looks_local(path) and not os.path.isdir(path):
-            raise UserError(f"model.path: '{path}' is not an existing directory (nor a hub id)")
+            raise UserError(f"{key}: '{path}' is not an existing directory (nor a hub id)")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"model.path: '{path}' has no config.json here, so it is not a model directory")
-    for key in ("train", "eval"):
-        spec = getattr(cfg.data, key)
+            raise UserError(f"{key}: '{path}' has no config.json here, so it is not a model directory")
+    sources = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
+    if getattr(cfg.eval, "accuracy_data", None):
+        sources.append(("eval.accuracy_data", cfg.eval.accuracy_data))
+    for key, spec in sources:
         if spec is None:
             continue
         if spec.startswith(BUILTIN_PREFIX):
             if spec[len(BUILTIN_PREFIX) :] not in BUILTINS:
-                raise UserError(f"data.{key}: '{spec}' is not a built-in set (choose from builtin:{', builtin:'.join(sorted(BUILTINS))})")
+                raise UserError(f"{key}: '{spec}' is not a built-in set (choose from builtin:{', builtin:'.join(sorted(BUILTINS))})")
         elif looks_local(spec) and not os.path.exists(spec):
-            raise UserError(f"data.{key}: '{spec}' does not exist")
+            raise UserError(f"{key}: '{spec}' does not exist")

@@ -51,6 +51,14 @@ class Scheduler(str, Enum):
     constant = "constant"
 
 
+class DPOLoss(str, Enum):
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+    hinge = "hinge"
+    robust = "robust"
+    simpo = "simpo"
+
+
 class Logger(str, Enum):
     jsonl = "jsonl"
     wandb = "wandb"
@@ -163,7 +171,39 @@ class TrainRMConfig(StageConfig):
     rm: RewardModelKeys = field(default_factory=RewardModelKeys)
 
 
-STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig}
+@dataclass
+class ReferenceKeys:
+    path: Optional[str] = _key(None, "the frozen reference model; null: the model the policy starts from")
+
+
+@dataclass
+class DPOKeys:
+    loss: DPOLoss = _key(DPOLoss.sigmoid, "variant: sigmoid (DPO), ipo, hinge (SLiC), robust, simpo (no reference)")
+    beta: float = _key(0.1, "beta: the strength of the implicit KL constraint (the reward scale)")
+    label_smoothing: float = _key(0.0, "assumed label-flip rate e: conservative DPO with sigmoid, robust DPO with robust")
+    simpo_gamma: float = _key(0.5, "SimPO's target reward margin gamma")
+    sft_weight: float = _key(0.0, "weight of an NLL term on the chosen responses (RPO); 0 disables it")
+    precompute_ref: bool = _key(False, "compute the reference log-probabilities once, cache them in the run, free the reference")
+
+
+@dataclass
+class DPOEvalConfig(EvalConfig):
+    accuracy_data: Optional[str] = _key(None, "rows with a prompt and an `answer` for eval/accuracy (greedy exact match)")
+    generate: int = _key(0, "rows of eval.accuracy_data decoded for eval/accuracy (0: none)")
+    max_new_tokens: int = _key(32, "tokens generated per row for eval/accuracy")
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """Direct preference optimisation of the policy against a frozen reference, no reward model."""
+
+    from_run: str = _key("runs/default", "run directory whose sft/final is the policy and reference when model.path is null")
+    ref: ReferenceKeys = field(default_factory=ReferenceKeys)
+    dpo: DPOKeys = field(default_factory=DPOKeys)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
+
+
+STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "dpo": DPOConfig}
 
 
 def key_help(schema: type) -> list[tuple[str, str, str]]:

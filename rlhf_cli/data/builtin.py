@@ -9,6 +9,9 @@ is measurable (held-out exact-match accuracy) and later RL stages can reward cor
 Preference sets on the same problems (held-out problems excluded from training again):
 `arith_prefs` / `arith_prefs_eval` pair the right answer (chosen) with a wrong one (rejected):
 the result of another operation, or a random number of as many digits.
+`arith_prefs_near` / `arith_prefs_near_eval` use near misses instead (off by 1-3, or one digit
+changed): the pairs a policy half-way through learning the task still gets wrong.
+`arith_prefs_mixed` / `arith_prefs_mixed_eval` draw each rejected answer from either kind.
 `arith_ranked` gives four answers per prompt, best first: the right one, then wrong ones by
 increasing distance from it.
 """
@@ -79,6 +82,25 @@ def _wrong_answer(rng: random.Random, a: int, op: str, b: int) -> int:
             return wrong
 
 
+def _near_miss(rng: random.Random, a: int, op: str, b: int) -> int:
+    """A wrong answer close to the right one: off by 1-3, or one digit changed."""
+    right = _solve(a, op, b)
+    while True:
+        if rng.random() < 0.5:
+            wrong = right + rng.choice([-3, -2, -1, 1, 2, 3])
+        else:
+            digits = list(str(right))
+            position = rng.randrange(len(digits))
+            digits[position] = rng.choice([d for d in "0123456789" if d != digits[position]])
+            wrong = int("".join(digits))
+        if wrong != right and wrong >= 0:
+            return wrong
+
+
+def _mixed_wrong(rng: random.Random, a: int, op: str, b: int) -> int:
+    return (_near_miss if rng.random() < 0.5 else _wrong_answer)(rng, a, op, b)
+
+
 def _train_problems(rng: random.Random, count: int) -> list[tuple[int, str, int]]:
     excluded, problems = set(_eval_problems()), []
     while len(problems) < count:
@@ -88,11 +110,11 @@ def _train_problems(rng: random.Random, count: int) -> list[tuple[int, str, int]
     return problems
 
 
-def arith_preference_rows(split: str) -> list[dict[str, str]]:
+def arith_preference_rows(split: str, wrong_answer=_wrong_answer) -> list[dict[str, str]]:
     rng = random.Random(TRAIN_SEED + 1)
     problems = _eval_problems() if split == "eval" else _train_problems(rng, TRAIN_ROWS // 2)
     return [
-        {"prompt": f"Q: {a}{op}{b}=", "chosen": str(_solve(a, op, b)), "rejected": str(_wrong_answer(rng, a, op, b))}
+        {"prompt": f"Q: {a}{op}{b}=", "chosen": str(_solve(a, op, b)), "rejected": str(wrong_answer(rng, a, op, b))}
         for a, op, b in problems
     ]
 
@@ -115,6 +137,10 @@ BUILTINS = {
     "arith_eval": lambda: arith_rows("eval"),
     "arith_prefs": lambda: arith_preference_rows("train"),
     "arith_prefs_eval": lambda: arith_preference_rows("eval"),
+    "arith_prefs_near": lambda: arith_preference_rows("train", _near_miss),
+    "arith_prefs_near_eval": lambda: arith_preference_rows("eval", _near_miss),
+    "arith_prefs_mixed": lambda: arith_preference_rows("train", _mixed_wrong),
+    "arith_prefs_mixed_eval": lambda: arith_preference_rows("eval", _mixed_wrong),
     "arith_ranked": arith_ranked_rows,
 }
 

@@ -66,7 +66,8 @@ def _lines(path: Path):
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                yield number, raw.decode("utf-8")
+                # utf-8-sig on the first line: a byte-order mark is not part of the data.
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise UserError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
 

@@ -128,5 +128,15 @@ def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
         raise UserError(f"model.path={source}: {str(exc).strip().splitlines()[0]}") from None
 
 
+def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of a training or scoring forward from a collated batch.
+
+    No KV cache: with one, transformers skips the per-sample attention it derives from the position
+    ids of packed rows, and attention would leak across samples.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return inputs | {"use_cache": False}
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -32,6 +32,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
+REFERENCE_CACHE = "reference_logps.safetensors"  # dpo.precompute_ref
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
 
@@ -132,7 +133,7 @@ class RunDir:
 
     def start_fresh(self) -> None:
         """Remove what an earlier run left here (resume=never); the directory itself stays."""
-        for name in (MANIFEST, CONFIG, METRICS, FINAL, CHECKPOINTS):
+        for name in (MANIFEST, CONFIG, METRICS, FINAL, CHECKPOINTS, REFERENCE_CACHE):
             target = self.path / name
             if target.is_dir():
                 shutil.rmtree(target)

@@ -1,5 +1,5 @@
 """Stage name -> the function that runs it (imported only when a stage runs)."""
 
-from rlhf_cli.stages import sft, train_rm
+from rlhf_cli.stages import dpo, sft, train_rm
 
-STAGE_RUNNERS = {"sft": sft.run, "train-rm": train_rm.run}
+STAGE_RUNNERS = {"sft": sft.run, "train-rm": train_rm.run, "dpo": dpo.run}

@@ -21,16 +21,15 @@ from rlhf_cli.data.tokenize import (
     TokenizedSample,
     TruncationReport,
     apply_max_length,
-    encode_prompt,
     pack,
     stop_token_ids,
     tokenize_sft,
 )
 from rlhf_cli.engine import TorchEngine
+from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger
-from rlhf_cli.models import count_parameters, load_causal_lm, load_tokenizer, resolve_dtype
-from rlhf_cli.rollout import generate
+from rlhf_cli.models import count_parameters, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -120,13 +119,6 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     return final_metrics
 
 
-def forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    # No KV cache in a training or scoring forward: with one, transformers skips the per-sample
-    # attention it derives from the position ids of packed rows, and attention leaks across samples.
-    inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return inputs | {"use_cache": False}
-
-
 def _tokenize(tokenizer, examples: list[SFTExample], stop_ids: set[int], data_cfg: Any, name: str) -> list[TokenizedSample]:
     samples = tokenize_sft(tokenizer, examples, stop_ids)
     report = TruncationReport()
@@ -153,13 +145,8 @@ def evaluate(model, tokenizer, samples: list[TokenizedSample], examples: list[SF
     result = {"eval/loss": nll / max(tokens, 1)}
     answered = [e for e in examples if e.answer is not None][: eval_cfg.generate]
     if answered:
-        completions = generate(
-            model, [encode_prompt(tokenizer, e) for e in answered],
-            max_new_tokens=eval_cfg.max_new_tokens, pad_id=tokenizer.pad_token_id,
-            stop_ids=stop_ids, batch_size=eval_cfg.batch_size,
+        result["eval/accuracy"] = answer_accuracy(
+            model, tokenizer, answered, stop_ids, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size
         )
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        correct = sum(text.strip() == e.answer.strip() for text, e in zip(texts, answered))
-        result["eval/accuracy"] = correct / len(answered)
     model.train()
     return result

@@ -425,7 +425,7 @@ def test_without_position_ids_samples_attend_across_boundaries(model, packed_thr
 @torch.no_grad()
 def test_packed_row_isolated_in_the_call_sft_makes(model, tok, packed_three):
     row, order = packed_three
-    from rlhf_cli.stages.sft import forward_inputs
+    from rlhf_cli.models import forward_inputs
 
     logits = model(**forward_inputs(collate([row], tok.pad_token_id))).logits[0]
     offset = 0

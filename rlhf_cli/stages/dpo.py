@@ -1,0 +1,291 @@
+"""rlhf dpo: direct preference optimisation against a frozen reference (Rafailov et al. 2023).
+
+The policy and the reference start from `from_run`'s sft/final unless `model.path` / `ref.path`
+say otherwise. Chosen and rejected responses go through the policy in one forward; their
+log-probabilities are summed over response tokens only (the prompt is masked), or averaged per
+token for the length-normalised variants (IPO, SimPO). `dpo.precompute_ref=true` scores every pair
+with the reference once, caches the log-probabilities in the run directory and frees the reference,
+so no second model is held while training. `dpo.sft_weight` adds an NLL term on the chosen
+responses (RPO, Pang et al. 2024), which keeps the likelihood of good answers from falling while
+the margin grows: without it DPO can raise the margin and still wreck generation.
+
+Departures from the paper: pairs of ranked rows are all used, each as its own pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf_cli.algos.dpo import VARIANTS, logratio_margin
+from rlhf_cli.algos.losses import sequence_logprobs
+from rlhf_cli.config.schema import DataFormat
+from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.formats import to_sft_examples
+from rlhf_cli.data.preferences import to_preference_groups
+from rlhf_cli.data.sources import load_rows
+from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
+from rlhf_cli.engine import TorchEngine
+from rlhf_cli.errors import UserError
+from rlhf_cli.evaluation import answer_accuracy
+from rlhf_cli.metrics import MetricsLogger
+from rlhf_cli.models import count_parameters, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhf_cli.runs import REFERENCE_CACHE
+from rlhf_cli.runs.chain import chained_final
+from rlhf_cli.stages import (
+    RunStart,
+    begin_training,
+    describe_model_source,
+    due,
+    finish,
+    plan_steps,
+    save_checkpoint,
+    seed_everything,
+    split_rows,
+)
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass(frozen=True)
+class Pair:
+    index: int  # position in its split, the key of the cached reference log-probabilities
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+    where: str
+
+
+@dataclass
+class Scored:
+    """Log-probabilities of a batch of pairs, each (B,): summed, and aggregated as the loss wants."""
+
+    chosen_sum: torch.Tensor
+    rejected_sum: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+
+def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
+    # 1. Policy, reference and tokenizer.
+    seed_everything(cfg.train.seed)
+    if cfg.model.path is None:
+        cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
+    variant = VARIANTS[cfg.dpo.loss.value]
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy.to(device)
+    stop_ids = stop_token_ids(tokenizer, policy.generation_config)
+    reference_path = cfg.ref.path or cfg.model.path
+    reference = None
+    if variant.uses_reference:
+        reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
+        reference.to(device).eval().requires_grad_(False)
+
+    # 2. Data: preference rows -> pairs of token ids; rows with answers for generation accuracy.
+    train_rows, eval_rows = split_rows(cfg.data)
+    train_pairs = _encode(tokenizer, train_rows, cfg, stop_ids, "data.train")
+    eval_pairs = _encode(tokenizer, eval_rows, cfg, stop_ids, "data.eval")[: cfg.eval.max_samples or None] if eval_rows else []
+    answer_examples = []
+    if cfg.eval.accuracy_data and cfg.eval.generate:
+        answer_examples = [e for e in to_sft_examples(load_rows(cfg.eval.accuracy_data), DataFormat.auto)
+                           if e.answer is not None][: cfg.eval.generate]
+        if not answer_examples:
+            raise UserError(f"eval.accuracy_data: {cfg.eval.accuracy_data} has no rows with an `answer` field")
+    batches = StepBatches(train_pairs, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+    total_steps = plan_steps(cfg.train, len(train_pairs), batches.samples_per_step)
+
+    # 3. Engine, the state to resume from, and the cached reference log-probabilities.
+    engine = TorchEngine(policy, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
+    parents = {"model": describe_model_source(cfg.model.path)}
+    if variant.uses_reference:
+        parents["reference"] = describe_model_source(reference_path)
+    start_step = begin_training(cfg, start, policy, engine, parents, overrides)
+    cache: Optional[dict[str, torch.Tensor]] = None
+    if reference is not None and cfg.dpo.precompute_ref:
+        cache = _reference_cache(start.run.path, reference, {"train": train_pairs, "eval": eval_pairs},
+                                 tokenizer.pad_token_id, cfg.eval.batch_size, device)
+        reference = None  # no second model in memory while training
+    log.info(
+        f"dpo ({cfg.dpo.loss.value}, beta {cfg.dpo.beta}): {count_parameters(policy) / 1e6:.2f}M parameters, "
+        f"{len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {total_steps} steps of "
+        f"{batches.samples_per_step} pairs, reference {'none' if not variant.uses_reference else 'cached' if cache else 'live'}"
+        f" -> {start.run.path}"
+    )
+
+    def score_reference(pairs: list[Pair], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probabilities of chosen and rejected, (B,) each; zeros without a reference."""
+        if not variant.uses_reference:
+            zeros = torch.zeros(len(pairs), device=device)
+            return zeros, zeros
+        if cache is not None:
+            index = torch.tensor([p.index for p in pairs])
+            return cache[f"{split}_chosen"][index].to(device), cache[f"{split}_rejected"][index].to(device)
+        with torch.no_grad():
+            scored = _score(reference, pairs, tokenizer.pad_token_id, device, length_normalised=False)
+        return scored.chosen_sum, scored.rejected_sum
+
+    def evaluate() -> dict[str, float]:
+        policy.eval()
+        totals = torch.zeros(4)  # loss, implicit-reward wins, policy prefers chosen, pairs
+        with torch.no_grad():
+            for i in range(0, len(eval_pairs), cfg.eval.batch_size):
+                chunk = eval_pairs[i : i + cfg.eval.batch_size]
+                scored = _score(policy, chunk, tokenizer.pad_token_id, device, variant.length_normalised)
+                ref_chosen, ref_rejected = _aggregate(score_reference(chunk, "eval"), scored, variant.length_normalised)
+                h = logratio_margin(scored.chosen, scored.rejected, ref_chosen, ref_rejected)
+                losses = variant.loss(h, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.simpo_gamma)
+                totals += torch.tensor([float(losses.sum()), float((h > 0).sum()),
+                                        float((scored.chosen_sum > scored.rejected_sum).sum()), len(chunk)])
+        result = {}
+        if eval_pairs:
+            loss_sum, wins, prefers, pairs = totals.tolist()
+            result = {"eval/loss": loss_sum / pairs, "eval/rewards/accuracy": wins / pairs, "eval/preference_accuracy": prefers / pairs}
+        if answer_examples:
+            result["eval/accuracy"] = answer_accuracy(policy, tokenizer, answer_examples, stop_ids,
+                                                      max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        policy.train()
+        return result
+
+    # 4. Train.
+    metrics = MetricsLogger(start.run.path, cfg, total_steps, start_step)
+    last: dict[str, Any] = {}
+    try:
+        if start_step == 0 and (eval_pairs or answer_examples):
+            metrics.log(0, evaluate())  # the starting point every later figure is compared with
+        policy.train()
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(start_step, total_steps):
+            micro_batches = batches.micro_batches(step)
+            pairs_in_step = sum(len(mb) for mb in micro_batches)
+            chosen_tokens_in_step = sum(len(p.chosen) for mb in micro_batches for p in mb)
+            lr = engine.lr
+            sums = torch.zeros(8, device=device)
+            for pairs in micro_batches:
+                with engine.autocast():
+                    scored = _score(policy, pairs, tokenizer.pad_token_id, device, variant.length_normalised)
+                ref_chosen, ref_rejected = _aggregate(score_reference(pairs, "train"), scored, variant.length_normalised)
+                h = logratio_margin(scored.chosen, scored.rejected, ref_chosen, ref_rejected)
+                losses = variant.loss(h, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.simpo_gamma)
+                loss = losses.sum() / pairs_in_step
+                nll = -scored.chosen_sum.sum() / chosen_tokens_in_step
+                if cfg.dpo.sft_weight:
+                    loss = loss + cfg.dpo.sft_weight * nll
+                engine.backward(loss)
+                reward_chosen = cfg.dpo.beta * (scored.chosen - ref_chosen).detach()
+                reward_rejected = cfg.dpo.beta * (scored.rejected - ref_rejected).detach()
+                sums += torch.stack([
+                    loss.detach(), nll.detach(), reward_chosen.sum(), reward_rejected.sum(),
+                    (reward_chosen > reward_rejected).sum(), scored.chosen_sum.detach().sum(),
+                    scored.rejected_sum.detach().sum(), torch.tensor(float(len(pairs)), device=device),
+                ])
+                window_tokens += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs)
+            grad_norm = engine.step()
+            done = step + 1
+            metrics.advance(done)
+
+            if done % cfg.train.log_every == 0 or done == total_steps:
+                loss_sum, nll_sum, chosen, rejected, wins, logp_chosen, logp_rejected, n = sums.tolist()
+                elapsed = time.perf_counter() - window_start
+                last = {
+                    "loss": loss_sum, "nll": nll_sum, "rewards/chosen": chosen / n, "rewards/rejected": rejected / n,
+                    "rewards/accuracy": wins / n, "rewards/margin": (chosen - rejected) / n,
+                    "logps/chosen": logp_chosen / n, "logps/rejected": logp_rejected / n,
+                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                }
+                metrics.log(done, last)
+                window_tokens, window_start = 0, time.perf_counter()
+            if due(cfg.train.eval_every, done, total_steps) and (eval_pairs or answer_examples):
+                metrics.log(done, evaluate())
+            if due(cfg.train.save_every, done, total_steps):
+                save_checkpoint(cfg, start, done, policy, engine)
+
+        # 5. Final evaluation and the model.
+        final_metrics = {k: last.get(k) for k in ("loss", "rewards/accuracy", "rewards/margin")} | {"steps": total_steps}
+        if eval_pairs or answer_examples:
+            evaluation = evaluate()
+            metrics.log(total_steps, evaluation)
+            final_metrics.update(evaluation)
+    finally:
+        metrics.close()
+    finish(start, policy, tokenizer, final_metrics)
+    return final_metrics
+
+
+def _encode(tokenizer, rows, cfg: Any, stop_ids: set[int], name: str) -> list[Pair]:
+    """Every (better, worse) pair of every preference group as prompt, chosen and rejected token ids."""
+    pairs, over = [], []
+    for group in to_preference_groups(rows, cfg.data.format, use_margin=False):
+        encoded = [encode_prompt_response(tokenizer, group.prompt, r, stop_ids, group.where) for r in group.responses]
+        for better, worse, _ in group.pairs:
+            prompt, chosen = encoded[better]
+            rejected = encoded[worse][1]
+            if len(prompt) + max(len(chosen), len(rejected)) > cfg.data.max_length:
+                if cfg.data.truncation.value == "error":
+                    raise UserError(f"{group.where}: {len(prompt) + max(len(chosen), len(rejected))} tokens, over data.max_length={cfg.data.max_length}")
+                over.append(group.where)  # a cut response would be scored on text it does not end with
+                continue
+            pairs.append(Pair(len(pairs), tuple(prompt), tuple(chosen), tuple(rejected), group.where))
+    if over:
+        log.warning(f"{name}: {len(over)} pairs longer than data.max_length={cfg.data.max_length} dropped (first: {over[0]})")
+    if rows and not pairs:
+        raise UserError(f"{name}: no pair fits data.max_length={cfg.data.max_length}")
+    return pairs
+
+
+def _score(model, pairs: list[Pair], pad_id: int, device: torch.device, length_normalised: bool) -> Scored:
+    """One forward over the chosen rows followed by the rejected rows."""
+    rows = [TokenizedSample(list(p.prompt + p.chosen), [False] * len(p.prompt) + [True] * len(p.chosen), p.where) for p in pairs]
+    rows += [TokenizedSample(list(p.prompt + p.rejected), [False] * len(p.prompt) + [True] * len(p.rejected), p.where) for p in pairs]
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    logits = model(**forward_inputs(batch)).logits
+    sums, counts = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+    n = len(pairs)
+    aggregated = sums / counts if length_normalised else sums
+    return Scored(sums[:n], sums[n:], aggregated[:n], aggregated[n:], counts[:n], counts[n:])
+
+
+def _aggregate(reference_sums: tuple[torch.Tensor, torch.Tensor], policy: Scored, length_normalised: bool):
+    """The reference's log-probabilities in the loss's aggregation (per-token means for IPO)."""
+    chosen, rejected = reference_sums
+    if not length_normalised:
+        return chosen, rejected
+    return chosen / policy.chosen_tokens, rejected / policy.rejected_tokens
+
+
+@torch.no_grad()
+def _reference_cache(run_path: Path, reference, splits: dict[str, list[Pair]], pad_id: int, batch_size: int,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Summed reference log-probabilities of every pair, computed once and kept in the run directory."""
+    path = run_path / REFERENCE_CACHE
+    sizes = {f"{split}_{side}": len(pairs) for split, pairs in splits.items() for side in ("chosen", "rejected")}
+    if path.is_file():
+        cache = load_file(str(path))
+        if {k: len(v) for k, v in cache.items()} == sizes:
+            log.info(f"reference log-probabilities from {path}")
+            return cache
+    cache = {}
+    for split, pairs in splits.items():
+        chosen, rejected = [], []
+        for i in range(0, len(pairs), batch_size):
+            scored = _score(reference, pairs[i : i + batch_size], pad_id, device, length_normalised=False)
+            chosen.append(scored.chosen_sum.cpu())
+            rejected.append(scored.rejected_sum.cpu())
+        cache[f"{split}_chosen"] = torch.cat(chosen) if chosen else torch.zeros(0)
+        cache[f"{split}_rejected"] = torch.cat(rejected) if rejected else torch.zeros(0)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(cache, str(tmp))
+    os.replace(tmp, path)
+    log.info(f"reference log-probabilities of {sum(len(p) for p in splits.values())} pairs cached in {path}")
+    return cache
