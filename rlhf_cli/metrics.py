@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +39,22 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             text = str(value)
         parts.append(f"{key} {text}")
     return "  ".join(parts)
+
+
+class Throughput:
+    """Tokens per second since the last reading."""
+
+    def __init__(self) -> None:
+        self.tokens, self.since = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        return rate
 
 
 class MetricsLogger:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +35,7 @@ from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import answer_accuracy
-from rlhf_cli.metrics import MetricsLogger
+from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.runs import REFERENCE_CACHE
 from rlhf_cli.runs.chain import chained_final
@@ -165,7 +164,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         if start_step == 0 and (eval_pairs or answer_examples):
             metrics.log(0, evaluate())  # the starting point every later figure is compared with
         policy.train()
-        window_tokens, window_start = 0, time.perf_counter()
+        throughput = Throughput()
         for step in range(start_step, total_steps):
             micro_batches = batches.micro_batches(step)
             pairs_in_step = sum(len(mb) for mb in micro_batches)
@@ -190,22 +189,20 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                     (reward_chosen > reward_rejected).sum(), scored.chosen_sum.detach().sum(),
                     scored.rejected_sum.detach().sum(), torch.tensor(float(len(pairs)), device=device),
                 ])
-                window_tokens += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs)
+                throughput.add(sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs))
             grad_norm = engine.step()
             done = step + 1
             metrics.advance(done)
 
             if done % cfg.train.log_every == 0 or done == total_steps:
                 loss_sum, nll_sum, chosen, rejected, wins, logp_chosen, logp_rejected, n = sums.tolist()
-                elapsed = time.perf_counter() - window_start
                 last = {
                     "loss": loss_sum, "nll": nll_sum, "rewards/chosen": chosen / n, "rewards/rejected": rejected / n,
                     "rewards/accuracy": wins / n, "rewards/margin": (chosen - rejected) / n,
                     "logps/chosen": logp_chosen / n, "logps/rejected": logp_rejected / n,
-                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": throughput.read(),
                 }
                 metrics.log(done, last)
-                window_tokens, window_start = 0, time.perf_counter()
             if due(cfg.train.eval_every, done, total_steps) and (eval_pairs or answer_examples):
                 metrics.log(done, evaluate())
             if due(cfg.train.save_every, done, total_steps):

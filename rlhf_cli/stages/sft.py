@@ -9,7 +9,6 @@ step, so gradient accumulation gives the same update as one large batch.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from rlhf_cli.data.tokenize import (
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.errors import UserError
-from rlhf_cli.metrics import MetricsLogger
+from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.stages import (
     RunStart,
@@ -78,7 +77,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     last: dict[str, Any] = {}
     try:
         model.train()
-        window_tokens, window_start = 0, time.perf_counter()
+        throughput = Throughput()
         for step in range(start_step, total_steps):
             micro_batches = [collate(mb, tokenizer.pad_token_id) for mb in batches.micro_batches(step)]
             num_tokens = sum(count_label_tokens(b["loss_mask"]) for b in micro_batches)
@@ -91,17 +90,15 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"], num_tokens)
                 engine.backward(loss)
                 step_loss += loss.detach()
-                window_tokens += int(batch["input_ids"].numel())
+                throughput.add(int(batch["input_ids"].numel()))
             grad_norm = engine.step()
             done = step + 1
             metrics.advance(done)
 
             if done % cfg.train.log_every == 0 or done == total_steps:
-                elapsed = time.perf_counter() - window_start
                 last = {"loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), "num_tokens": num_tokens}
+                        "tokens_per_s": throughput.read(), "num_tokens": num_tokens}
                 metrics.log(done, last)
-                window_tokens, window_start = 0, time.perf_counter()
             if eval_samples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device))
             if due(cfg.train.save_every, done, total_steps):

@@ -12,7 +12,6 @@ are recorded in the manifest (`reward_stats`) for PPO's reward normalisation.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ from rlhf_cli.data.preferences import PreferenceGroup, to_preference_groups
 from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
-from rlhf_cli.metrics import MetricsLogger
+from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, load_reward_model, load_tokenizer, resolve_dtype
 from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
@@ -84,7 +83,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     last: dict[str, Any] = {}
     try:
         model.train()
-        window_tokens, window_start = 0, time.perf_counter()
+        throughput = Throughput()
         for step in range(start_step, total_steps):
             micro_batches = batches.micro_batches(step)
             prompts_in_step = sum(len(mb) for mb in micro_batches)
@@ -99,18 +98,16 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 engine.backward(loss)
                 gap = (chosen - rejected).detach()
                 totals += torch.stack([loss.detach(), (gap > 0).sum(), gap.sum(), torch.tensor(float(gap.numel()))])
-                window_tokens += sum(len(s) for g in groups for s in g.sequences)
+                throughput.add(sum(len(s) for g in groups for s in g.sequences))
             grad_norm = engine.step()
             done = step + 1
             metrics.advance(done)
 
             if done % cfg.train.log_every == 0 or done == total_steps:
                 loss_sum, correct, gap_sum, pairs = totals.tolist()
-                elapsed = time.perf_counter() - window_start
                 last = {"loss": loss_sum, "accuracy": correct / pairs, "margin": gap_sum / pairs, "lr": lr,
-                        "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                        "grad_norm": grad_norm, "tokens_per_s": throughput.read()}
                 metrics.log(done, last)
-                window_tokens, window_start = 0, time.perf_counter()
             if eval_groups and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, eval_groups, tokenizer.pad_token_id, cfg.eval.batch_size, device, engine))
             if due(cfg.train.save_every, done, total_steps):
