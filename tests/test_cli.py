@@ -199,3 +199,21 @@ def test_tensorboard_logger_writes_event_files(rlhf, tmp_path):
     assert result.exit_code == 0, result.output
     events = list((tmp_path / "runs/default/sft/tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("option", ["model.dtype=bf16", "model.gradient_checkpointing=true", "model.attn_implementation=eager",
+                                    "train.lr_scheduler=linear", "data.format=prompt_completion"])
+def test_model_and_training_options_run(rlhf, tmp_path, option):
+    data = write_jsonl(tmp_path / "pc.jsonl", [FORMAT_ROWS["prompt_completion"]] * 8)
+    result = rlhf("sft", f"data.train={data}", "data.eval=null", option, *QUICK)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "runs/default/sft/manifest.json").read_text())["status"] == "completed"
+
+
+def test_a_saved_model_directory_is_loaded_by_path(rlhf, tmp_path):
+    data = write_jsonl(tmp_path / "pc.jsonl", [FORMAT_ROWS["prompt_completion"]] * 8)
+    assert rlhf("sft", f"data.train={data}", "data.eval=null", "output_dir=first", *QUICK).exit_code == 0
+    result = rlhf("sft", f"data.train={data}", "data.eval=null", "output_dir=second", "model.path=first/final", *QUICK)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "second/manifest.json").read_text())
+    assert manifest["parents"]["model"] == {"path": "first/final", "run": "first", "stage": "sft"}
