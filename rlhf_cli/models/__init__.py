@@ -62,8 +62,7 @@ def load_causal_lm(model_cfg: Any, tokenizer, seed: int):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        _enable_activation_checkpointing(model)
     return model
 
 
@@ -99,7 +98,7 @@ def load_reward_model(model_cfg: Any, tokenizer, seed: int):
         if head.bias is not None:
             torch.nn.init.zeros_(head.bias)
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        _enable_activation_checkpointing(model)
     return model
 
 
@@ -126,6 +125,12 @@ def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
         if "trust_remote_code" in str(exc):
             raise UserError(f"model.path={source}: needs model.trust_remote_code=true to load its own code") from None
         raise UserError(f"model.path={source}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _enable_activation_checkpointing(model) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable; older releases only have the old name.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
