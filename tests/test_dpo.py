@@ -75,3 +75,14 @@ def test_bad_preference_row_names_file_and_line(rlhf, tmp_path):
     write_jsonl(tmp_path / "d.jsonl", PAIRS[:2] + [{"prompt": "x", "chosen": "a"}])
     result = rlhf("dpo", "data.train=d.jsonl", *DPO_QUICK)
     assert result.exit_code != 0 and "error: d.jsonl:3: missing field 'rejected'" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["explicit", "hh", "ultrafeedback", "trl-conversational", "ranked"])
+def test_every_preference_format_of_train_rm_trains(rlhf, tmp_path, fmt):
+    from tests.test_train_rm import FORMAT_ROWS
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", [FORMAT_ROWS[fmt]] * 8)
+    result = rlhf("dpo", f"data.train={data}", *DPO_QUICK)
+    assert result.exit_code == 0, result.output
+    pairs = 24 if fmt == "ranked" else 8  # a ranked row of 3 responses gives 3 pairs
+    assert f"{pairs} training pairs" in result.output

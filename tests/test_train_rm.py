@@ -78,3 +78,14 @@ def test_bad_preference_data_is_one_error_line(rlhf, tmp_path, row, expected):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.output
     assert not (tmp_path / "runs/default/rm/final").exists()
+
+
+def test_eval_split_is_carved_from_train_when_none_is_given(rlhf, tmp_path):
+    rows = [{"prompt": f"Q: {i}+1=", "chosen": str(i + 1), "rejected": str(i + 5)} for i in range(8)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    result = rlhf("train-rm", "model.path=tiny", f"data.train={data}", "data.eval=null", "data.eval_size=0.25",
+                  "train.max_steps=2", "train.batch_size=2")
+    assert result.exit_code == 0, result.output
+    assert "6 training prompts (6 pairs), 2 eval prompts" in result.output
+    final = json.loads((tmp_path / "runs/default/rm/manifest.json").read_text())["final_metrics"]
+    assert {"eval/loss", "eval/accuracy", "eval/margin"} <= set(final)
