@@ -37,14 +37,17 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, default=str)
-        handle.write("\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
 
 
 @contextmanager
@@ -143,7 +146,7 @@ class RunDir:
     def begin(self, stage: str, config: dict[str, Any], config_yaml: str, parents: dict[str, Any],
               resumed_from: Optional[str], overrides: list[str]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / CONFIG).write_text(config_yaml, encoding="utf-8")
+        write_text_atomic(self.path / CONFIG, config_yaml)
         previous = self.read_manifest() or {}
         self._manifest = {
             "stage": stage,

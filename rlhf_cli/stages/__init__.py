@@ -37,7 +37,7 @@ class RunStart:
 
 def open_run(cfg: Any) -> RunStart:
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    config_yaml = OmegaConf.to_yaml(config)
+    config_yaml = OmegaConf.to_yaml(redact(config))
     run = RunDir(cfg.output_dir)
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"output_dir={cfg.output_dir}: exists and is not a directory")
