@@ -22,6 +22,13 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+def default_device():
+    """The accelerator when there is one, else the CPU (the plain engine runs on one device)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_dtype(name: str):
     import torch
 

@@ -36,7 +36,7 @@ from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.runs import REFERENCE_CACHE
 from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
@@ -83,7 +83,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     variant = VARIANTS[cfg.dpo.loss.value]
     tokenizer = load_tokenizer(cfg.model)
     policy = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     policy.to(device)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     reference_path = cfg.ref.path or cfg.model.path

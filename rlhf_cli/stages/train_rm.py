@@ -24,7 +24,7 @@ from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, load_reward_model, load_tokenizer, resolve_dtype
+from rlhf_cli.models import count_parameters, default_device, load_reward_model, load_tokenizer, resolve_dtype
 from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
     RunStart,
@@ -55,7 +55,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
     tokenizer = load_tokenizer(cfg.model)
     model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model.to(device)
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
 
