@@ -1,0 +1,85 @@
+"""Policy-gradient math for GRPO and PPO: advantages, KL estimators, the clipped surrogate and loss
+aggregation. Tensors are (B, T) over completion tokens with `mask` True where a token counts, or
+(N,) over sequences; every function is pure."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, eq. 3 outcome supervision): (r - mean_group) / (std_group + eps), (N,)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    return (centred / (grouped.std(dim=1, keepdim=True) + eps)).view(-1)
+
+
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): r - mean_group, no division by the group's std (its difficulty bias)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): r_i - mean of the other G-1 rewards of the group = G/(G-1) (r_i - mean)."""
+    grouped = rewards.view(-1, group_size)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).view(-1)
+
+
+ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+}
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi - log ref: unbiased, per token it can be negative (Schulman, "Approximating KL")."""
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 = 1/2 (log pi - log ref)^2: biased, low variance; its gradient is the right one as a loss."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = ref / pi: unbiased and never negative. The log-ratio is clamped to
+    +-20 and the result to 10, for numerical safety."""
+    log_ratio = torch.clamp(ref_logprobs - logprobs, -20, 20)
+    return torch.clamp(torch.exp(log_ratio) - 1 - log_ratio, max=10)
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective as a per-token loss, -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A),
+    with rho = pi / pi_old; asymmetric bounds are DAPO's clip-higher. Returns (loss, clipped) (B, T),
+    `clipped` True where the clipped term was the smaller one (the token gives no gradient)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, *, num_sequences: int,
+                   num_tokens: int, max_length: int) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar whose normaliser is counted over the optimizer step.
+
+    seq_mean_token_mean      original GRPO: mean over each sequence's tokens, summed / sequences in the step
+    token_mean               DAPO: summed over every token / tokens in the step
+    seq_mean_token_sum_norm  Dr. GRPO: summed over every token / (sequences in the step x max_length)
+    """
+    masked = per_token * mask
+    if mode == "seq_mean_token_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_sequences
+    if mode == "token_mean":
+        return masked.sum() / max(num_tokens, 1)
+    if mode == "seq_mean_token_sum_norm":
+        return masked.sum() / (num_sequences * max_length)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
