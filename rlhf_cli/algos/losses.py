@@ -30,13 +30,16 @@ def count_label_tokens(loss_mask: torch.Tensor) -> int:
     return int(loss_mask[:, 1:].sum())
 
 
-def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of the labelled tokens' log-probabilities, and their count; both (B,).
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) log-probability of each next token: position t scores input_ids[:, t+1].
 
     log p(token) = logit(token) - logsumexp(logits): the (B, T, V) log-softmax is never materialised.
     """
-    targets = input_ids[:, 1:]
-    mask = loss_mask[:, 1:]
     shifted = logits[:, :-1].float()
-    token_logprobs = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(shifted, dim=-1)
-    return (token_logprobs * mask).sum(-1), mask.sum(-1)
+    return shifted.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(shifted, dim=-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of the labelled tokens' log-probabilities, and their count; both (B,)."""
+    mask = loss_mask[:, 1:]
+    return (token_logprobs(logits, input_ids) * mask).sum(-1), mask.sum(-1)

@@ -67,9 +67,14 @@ def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool =
 
 def encode_prompt(tokenizer, example: SFTExample) -> list[int]:
     """The tokens a model is given at generation time for this example."""
-    if example.messages is not None:
-        return render(tokenizer, example.prompt_messages, add_generation_prompt=True)
-    return tokenizer(example.prompt)["input_ids"]
+    return encode_text_prompt(tokenizer, example.prompt_messages if example.messages is not None else example.prompt)
+
+
+def encode_text_prompt(tokenizer, prompt) -> list[int]:
+    """A plain-text prompt as is, or messages rendered with the generation prompt."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return render(tokenizer, prompt, add_generation_prompt=True)
 
 
 def tokenize_sft(tokenizer, examples: Sequence[SFTExample], stop_ids: set[int]) -> list[TokenizedSample]:
