@@ -216,4 +216,6 @@ def test_a_saved_model_directory_is_loaded_by_path(rlhf, tmp_path):
     result = rlhf("sft", f"data.train={data}", "data.eval=null", "output_dir=second", "model.path=first/final", *QUICK)
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "second/manifest.json").read_text())
-    assert manifest["parents"]["model"] == {"path": "first/final", "run": "first", "stage": "sft"}
+    first = json.loads((tmp_path / "first/manifest.json").read_text())
+    assert manifest["parents"]["model"] == {"path": "first/final", "run": "first", "stage": "sft",
+                                            "run_id": first["run_id"], "finished_at": first["finished_at"]}

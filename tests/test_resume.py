@@ -1,5 +1,6 @@
 """Kill a run after a checkpoint, resume it, and get the weights of an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -37,10 +38,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     process.wait()
     assert checkpoint.exists()
     assert not (tmp_path / "killed/final").exists(), "the run finished before it could be killed"
+    run_id = json.loads((tmp_path / "killed/manifest.json").read_text())["run_id"]
 
     resumed = _rlhf(tmp_path, "output_dir=killed", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
+    assert json.loads((tmp_path / "killed/manifest.json").read_text())["run_id"] == run_id  # the same run, continued
 
     straight = load_file(tmp_path / "straight/final/model.safetensors")
     again = load_file(tmp_path / "killed/final/model.safetensors")

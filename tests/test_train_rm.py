@@ -89,3 +89,15 @@ def test_eval_split_is_carved_from_train_when_none_is_given(rlhf, tmp_path):
     assert "6 training prompts (6 pairs), 2 eval prompts" in result.output
     final = json.loads((tmp_path / "runs/default/rm/manifest.json").read_text())["final_metrics"]
     assert {"eval/loss", "eval/accuracy", "eval/margin"} <= set(final)
+
+
+def test_a_completed_run_whose_parent_was_retrained_is_not_taken_as_done(rlhf, tmp_path):
+    sft = ["sft", "train.max_steps=2", "train.batch_size=4", "eval.generate=0", "eval.max_samples=4"]
+    assert rlhf(*sft).exit_code == 0
+    assert rlhf("train-rm", *RM_QUICK).exit_code == 0
+    again = rlhf("train-rm", *RM_QUICK)
+    assert again.exit_code == 0 and "already complete" in again.output
+    assert rlhf(*sft, "train.lr=5e-4", "resume=never").exit_code == 0
+    stale = rlhf("train-rm", *RM_QUICK)
+    assert stale.exit_code != 0 and "since rerun" in stale.output and "resume=never" in stale.output
+    assert rlhf("train-rm", *RM_QUICK, "resume=never").exit_code == 0

@@ -21,6 +21,7 @@ import platform
 import re
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -150,6 +151,8 @@ class RunDir:
         previous = self.read_manifest() or {}
         self._manifest = {
             "stage": stage,
+            # New for every fresh start, kept across resumes: what a later stage records as its parent.
+            "run_id": previous.get("run_id") if resumed_from and previous.get("run_id") else uuid.uuid4().hex,
             "status": "running",
             "started_at": previous.get("started_at") or _now(),
             "updated_at": _now(),

@@ -55,12 +55,29 @@ def open_run(cfg: Any) -> RunStart:
     if manifest.get("status") == "completed":
         changed = config_changes(manifest.get("config", {}), redact(config))
         if not changed:
+            started_from = manifest.get("parents", {}).get("model", {})
+            current = describe_model_source(_start_model_path(cfg))
+            if started_from.get("run_id") != current.get("run_id"):
+                raise UserError(
+                    f"output_dir={cfg.output_dir}: holds a completed run started from {started_from.get('path')} as it was "
+                    f"at {started_from.get('finished_at')}, since rerun ({current.get('finished_at')}); "
+                    "resume=never trains again from the new one"
+                )
             raise AlreadyComplete(f"{cfg.output_dir} is already complete with this config; nothing to do")
         raise UserError(
             f"output_dir={cfg.output_dir}: holds a completed run with another config ({changed}); "
             "resume=never replaces it, or choose another output_dir"
         )
     return RunStart(run, run.latest_checkpoint(), config, config_yaml)
+
+
+def _start_model_path(cfg: Any) -> str:
+    """The model this stage starts from: model.path, or the chained sft/final of from_run."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    from rlhf_cli.runs.chain import chained_final
+
+    return chained_final(cfg.from_run, "sft", "model.path")
 
 
 def config_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
@@ -94,7 +111,8 @@ def describe_model_source(path: str) -> dict[str, Any]:
     manifest = Path(path).parent / MANIFEST
     if Path(path).name == "final" and manifest.is_file():
         recorded = RunDir(Path(path).parent).read_manifest() or {}
-        source.update(run=str(Path(path).parent), stage=recorded.get("stage"))
+        source.update(run=str(Path(path).parent), stage=recorded.get("stage"), run_id=recorded.get("run_id"),
+                      finished_at=recorded.get("finished_at"))
     return source
 
 
