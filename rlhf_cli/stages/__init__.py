@@ -56,7 +56,7 @@ def open_run(cfg: Any) -> RunStart:
         changed = config_changes(manifest.get("config", {}), redact(config))
         if not changed:
             started_from = manifest.get("parents", {}).get("model", {})
-            current = describe_model_source(_start_model_path(cfg))
+            current = describe_model_source(start_model_path(cfg))
             if started_from.get("run_id") != current.get("run_id"):
                 raise UserError(
                     f"output_dir={cfg.output_dir}: holds a completed run started from {started_from.get('path')} as it was "
@@ -71,7 +71,7 @@ def open_run(cfg: Any) -> RunStart:
     return RunStart(run, run.latest_checkpoint(), config, config_yaml)
 
 
-def _start_model_path(cfg: Any) -> str:
+def start_model_path(cfg: Any) -> str:
     """The model this stage starts from: model.path, or the chained sft/final of from_run."""
     if cfg.model.path is not None:
         return cfg.model.path

@@ -38,7 +38,6 @@ from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.runs import REFERENCE_CACHE
-from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -49,6 +48,7 @@ from rlhf_cli.stages import (
     save_checkpoint,
     seed_everything,
     split_rows,
+    start_model_path,
 )
 
 log = logging.getLogger("rlhf")
@@ -78,8 +78,7 @@ class Scored:
 def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     # 1. Policy, reference and tokenizer.
     seed_everything(cfg.train.seed)
-    if cfg.model.path is None:
-        cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
+    cfg.model.path = start_model_path(cfg)
     variant = VARIANTS[cfg.dpo.loss.value]
     tokenizer = load_tokenizer(cfg.model)
     policy = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)

@@ -25,7 +25,6 @@ from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, default_device, load_reward_model, load_tokenizer, resolve_dtype
-from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -36,6 +35,7 @@ from rlhf_cli.stages import (
     save_checkpoint,
     seed_everything,
     split_rows,
+    start_model_path,
 )
 
 log = logging.getLogger("rlhf")
@@ -51,8 +51,7 @@ class EncodedGroup:
 def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     # 1. Model (sft/final of from_run unless model.path is set) and tokenizer.
     seed_everything(cfg.train.seed)
-    if cfg.model.path is None:
-        cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
+    cfg.model.path = start_model_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
     model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
     device = default_device()
