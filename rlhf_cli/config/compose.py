@@ -218,6 +218,18 @@ def validate(cfg: Any) -> None:
             ("dpo.label_smoothing", 0 <= cfg.dpo.label_smoothing < smoothing_limit, f"must be in [0, {smoothing_limit})"),
             ("dpo.sft_weight", cfg.dpo.sft_weight >= 0, "must be non-negative"),
         ]
+    if hasattr(cfg, "grpo"):
+        g, r = cfg.grpo, cfg.rollout
+        checks += [
+            ("grpo.num_generations", g.num_generations >= 2, "must be at least 2 (a group needs two completions)"),
+            ("grpo.beta", g.beta >= 0, "must be non-negative"),
+            ("grpo.epsilon_low", 0 <= g.epsilon_low < 1, "must be in [0, 1)"),
+            ("grpo.epsilon_high", g.epsilon_high >= 0, "must be non-negative"),
+            ("grpo.inner_updates", g.inner_updates >= 1, "must be at least 1"),
+            ("rollout.max_new_tokens", r.max_new_tokens >= 1, "must be at least 1"),
+            ("rollout.temperature", r.temperature > 0, "must be positive (sampling is needed for groups)"),
+            ("rollout.top_p", 0 < r.top_p <= 1, "must be in (0, 1]"),
+        ]
     for key, ok, rule in checks:
         if not ok:
             raise UserError(f"{key}: {_lookup(cfg, key)!r} {rule}")

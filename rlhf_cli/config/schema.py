@@ -59,6 +59,28 @@ class DPOLoss(str, Enum):
     simpo = "simpo"
 
 
+class Advantage(str, Enum):
+    grpo = "grpo"
+    dr_grpo = "dr_grpo"
+    rloo = "rloo"
+
+
+class LossAggregation(str, Enum):
+    seq_mean_token_mean = "seq_mean_token_mean"
+    token_mean = "token_mean"
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
+
+
+class KLEstimator(str, Enum):
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+
+
+class RolloutEngine(str, Enum):
+    hf = "hf"
+
+
 class Logger(str, Enum):
     jsonl = "jsonl"
     wandb = "wandb"
@@ -187,7 +209,7 @@ class DPOKeys:
 
 
 @dataclass
-class DPOEvalConfig(EvalConfig):
+class AccuracyEvalConfig(EvalConfig):
     accuracy_data: Optional[str] = _key(None, "rows with a prompt and an `answer` for eval/accuracy (greedy exact match)")
     generate: int = _key(0, "rows of eval.accuracy_data decoded for eval/accuracy (0: none)")
     max_new_tokens: int = _key(32, "tokens generated per row for eval/accuracy")
@@ -200,10 +222,56 @@ class DPOConfig(StageConfig):
     from_run: str = _key("runs/default", "run directory whose sft/final is the policy and reference when model.path is null")
     ref: ReferenceKeys = field(default_factory=ReferenceKeys)
     dpo: DPOKeys = field(default_factory=DPOKeys)
-    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
+    eval: AccuracyEvalConfig = field(default_factory=AccuracyEvalConfig)
 
 
-STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "dpo": DPOConfig}
+@dataclass
+class RewardSpec:
+    name: str = _key("exact_match", "exact_match, math, format, model, http, or module:function")
+    weight: float = _key(1.0, "weight of this reward in the sum")
+    pattern: Optional[str] = _key(None, "format: the regular expression a completion must match")
+    path: Optional[str] = _key(None, "model: the reward model directory")
+    url: Optional[str] = _key(None, "http: the endpoint that scores a batch")
+    timeout: float = _key(10.0, "http: seconds to wait for an answer")
+    retries: int = _key(2, "http: tries after the first before giving up")
+
+
+@dataclass
+class RolloutKeys:
+    engine: RolloutEngine = _key(RolloutEngine.hf, "generation engine: hf (transformers generate with KV cache)")
+    max_new_tokens: int = _key(64, "tokens generated per completion at most")
+    temperature: float = _key(1.0, "sampling temperature (also divides the logits scored in the loss)")
+    top_p: float = _key(1.0, "nucleus sampling threshold (1: off)")
+
+
+@dataclass
+class GRPOKeys:
+    num_generations: int = _key(8, "G: completions sampled per prompt")
+    beta: float = _key(0.0, "weight of the KL penalty to the reference; 0 loads no reference model")
+    kl_estimator: KLEstimator = _key(KLEstimator.k3, "KL estimator in the loss: k1, k2, k3 (Schulman)")
+    advantage: Advantage = _key(Advantage.grpo, "advantage: grpo (group mean and std), dr_grpo (mean only), rloo")
+    loss_agg: LossAggregation = _key(
+        LossAggregation.token_mean, "loss aggregation: seq_mean_token_mean, token_mean (DAPO), seq_mean_token_sum_norm (Dr. GRPO)"
+    )
+    epsilon_low: float = _key(0.2, "lower clip of the ratio: 1 - epsilon_low")
+    epsilon_high: float = _key(0.2, "upper clip of the ratio: 1 + epsilon_high (DAPO clip-higher when larger)")
+    inner_updates: int = _key(1, "mu: optimizer updates per rollout batch, with the rollout policy as pi_old")
+    filter_zero_std: bool = _key(False, "drop groups whose rewards are all equal (they carry no signal)")
+    rewards: List[RewardSpec] = _key([RewardSpec()], "reward functions: a list of {name, weight, ...}")
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    """Group relative policy optimisation with rule-based or model rewards, no critic."""
+
+    from_run: str = _key("runs/default", "run directory whose sft/final is the policy and reference when model.path is null")
+    ref: ReferenceKeys = field(default_factory=ReferenceKeys)
+    rollout: RolloutKeys = field(default_factory=RolloutKeys)
+    grpo: GRPOKeys = field(default_factory=GRPOKeys)
+    eval: AccuracyEvalConfig = field(default_factory=AccuracyEvalConfig)
+
+
+STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
 
 
 def key_help(schema: type) -> list[tuple[str, str, str]]:
@@ -224,6 +292,8 @@ def key_help(schema: type) -> list[tuple[str, str, str]]:
 
 
 def _show(value: Any) -> str:
+    if is_dataclass(value):
+        return "{" + ",".join(f"{f.name}:{_show(getattr(value, f.name))}" for f in fields(value) if getattr(value, f.name) is not None) + "}"
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, list):

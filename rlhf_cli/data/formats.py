@@ -18,7 +18,7 @@ Any row may carry an `answer` string: evaluation decodes the prompt greedily and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from rlhf_cli.config.schema import DataFormat
 from rlhf_cli.data.sources import Row
@@ -34,6 +34,9 @@ class Message:
     role: str
     content: str
     train: bool = False  # its tokens are labels (assistant turns of the response)
+
+
+Text = Union[str, tuple[Message, ...]]  # plain text, or messages
 
 
 @dataclass(frozen=True)
@@ -177,3 +180,30 @@ def _messages_untrained(row: Row, items: list, roles: dict[str, str]) -> tuple[M
             raise UserError(f"{row.where}: prompt[{i}] must be an object with a role ({', '.join(roles)}) and string content")
         out.append(Message(item["role"], item["content"]))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """A prompt for the RL stages, with its reference answer when the row has one."""
+
+    where: str
+    prompt: Text
+    answer: Optional[str]
+    row: dict
+
+
+def to_prompt_examples(rows: list[Row]) -> list[PromptExample]:
+    """Prompt-only rows: `prompt` (a string or messages) with an optional `answer`, or GSM8K's
+    `question` and `answer`. SFT rows (prompt/completion) work too: the completion is ignored."""
+    examples = []
+    for row in rows:
+        if "question" in row.data and "prompt" not in row.data:
+            prompt: Text = _field(row, "question", str)
+        elif "prompt" in row.data:
+            value = _field(row, "prompt", (str, list))
+            prompt = value if isinstance(value, str) else _messages_untrained(row, value, {r: r for r in ROLES})
+        else:
+            shown = ", ".join(sorted(row.data)) or "none"
+            raise UserError(f"{row.where}: expected a `prompt` (or GSM8K `question`) field, found keys: {shown}")
+        examples.append(PromptExample(row.where, prompt, _answer(row), row.data))
+    return examples

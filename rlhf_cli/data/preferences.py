@@ -21,14 +21,13 @@ An optional `margin` (pairwise rows) is the minimum reward gap the pair should h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from rlhf_cli.config.schema import DataFormat
-from rlhf_cli.data.formats import ROLES, Message
+from rlhf_cli.data.formats import ROLES, Message, Text
 from rlhf_cli.data.sources import Row
 from rlhf_cli.errors import UserError
 
-Text = Union[str, tuple[Message, ...]]  # plain text, or messages
 HH_ASSISTANT = "\n\nAssistant:"
 
 

@@ -1,0 +1,215 @@
+"""rlhf grpo: group relative policy optimisation (Shao et al. 2024), with no critic.
+
+Each step samples G completions for every prompt, scores them with the reward functions, and gives
+every token of a completion its group-relative advantage. The loss is PPO's clipped surrogate
+(asymmetric bounds for DAPO's clip-higher) plus beta times a KL estimator to the frozen reference,
+reduced by the chosen aggregation with its normaliser counted over the whole step. With mu inner
+updates, the rollout policy's log-probabilities are pi_old; with mu = 1 they equal the current ones
+and are not recomputed (the ratio is 1 and its gradient is the policy gradient).
+
+Departures from the paper: the KL estimator and the loss aggregation are choices (k3 and the
+per-sequence mean in the paper); beta defaults to 0, with no reference model loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from rlhf_cli.algos.losses import token_logprobs
+from rlhf_cli.algos.policy import ADVANTAGES, KL_ESTIMATORS, aggregate_loss, clipped_surrogate
+from rlhf_cli.config.schema import DataFormat
+from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.formats import PromptExample, to_prompt_examples, to_sft_examples
+from rlhf_cli.data.sources import load_rows
+from rlhf_cli.data.tokenize import TokenizedSample, encode_text_prompt, stop_token_ids
+from rlhf_cli.engine import TorchEngine
+from rlhf_cli.errors import UserError
+from rlhf_cli.evaluation import answer_accuracy
+from rlhf_cli.metrics import MetricsLogger, Throughput
+from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhf_cli.rewards import build_rewards, score
+from rlhf_cli.rollout import generate
+from rlhf_cli.runs.chain import chained_final
+from rlhf_cli.stages import (
+    RunStart,
+    begin_training,
+    describe_model_source,
+    due,
+    finish,
+    plan_steps,
+    save_checkpoint,
+    seed_everything,
+)
+
+log = logging.getLogger("rlhf")
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One micro-batch of sampled completions, ready for the loss."""
+
+    batch: dict[str, torch.Tensor]  # prompt + completion rows; loss_mask marks completion tokens
+    advantages: torch.Tensor  # (B,)
+    old_logprobs: torch.Tensor | None  # (B, T-1), when mu > 1
+    ref_logprobs: torch.Tensor | None  # (B, T-1), when beta > 0
+
+
+def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
+    g = cfg.grpo
+    # 1. Policy, reference (only with beta > 0), tokenizer and rewards.
+    seed_everything(cfg.train.seed)
+    if cfg.model.path is None:
+        cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+    device = default_device()
+    policy.to(device)
+    stop_ids = stop_token_ids(tokenizer, policy.generation_config)
+    reference_path = cfg.ref.path or cfg.model.path
+    reference = None
+    if g.beta > 0:
+        reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
+        reference.to(device).eval().requires_grad_(False)
+    rewards = build_rewards(g.rewards)
+
+    # 2. Data: prompts (with answers for the rule rewards); rows with answers for eval accuracy.
+    prompts = to_prompt_examples(load_rows(cfg.data.train, subset=cfg.data.subset, split=cfg.data.train_split))
+    answer_examples = []
+    if cfg.eval.accuracy_data and cfg.eval.generate:
+        answer_examples = [e for e in to_sft_examples(load_rows(cfg.eval.accuracy_data), DataFormat.auto)
+                           if e.answer is not None][: cfg.eval.generate]
+        if not answer_examples:
+            raise UserError(f"eval.accuracy_data: {cfg.eval.accuracy_data} has no rows with an `answer` field")
+    batches = StepBatches(prompts, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+    total_steps = plan_steps(cfg.train, len(prompts), batches.samples_per_step)
+
+    # 3. Engine (mu updates per step) and the state to resume from.
+    engine = TorchEngine(policy, cfg.train, total_steps * g.inner_updates, resolve_dtype(cfg.model.dtype.value))
+    parents = {"model": describe_model_source(cfg.model.path)}
+    if reference is not None:
+        parents["reference"] = describe_model_source(reference_path)
+    start_step = begin_training(cfg, start, policy, engine, parents, overrides)
+    log.info(
+        f"grpo ({g.advantage.value}, {g.loss_agg.value}, beta {g.beta}): {count_parameters(policy) / 1e6:.2f}M parameters, "
+        f"{len(prompts)} prompts, {total_steps} steps of {batches.samples_per_step} prompts x {g.num_generations} "
+        f"completions, rewards {', '.join(r.name for r in rewards)} -> {start.run.path}"
+    )
+
+    def evaluate() -> dict[str, float]:
+        return {"eval/accuracy": answer_accuracy(policy, tokenizer, answer_examples, stop_ids,
+                                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)}
+
+    # 4. Train.
+    metrics = MetricsLogger(start.run.path, cfg, total_steps, start_step)
+    last: dict[str, Any] = {}
+    try:
+        if start_step == 0 and answer_examples:
+            metrics.log(0, evaluate())
+        throughput = Throughput()
+        for step in range(start_step, total_steps):
+            # 4a. Rollouts for every micro-batch of the step, scored and turned into advantages.
+            stats: dict[str, list[float]] = {}
+            rollouts = []
+            for i, micro in enumerate(batches.micro_batches(step)):
+                rollout = _rollout(policy, reference, tokenizer, micro, rewards, cfg, stop_ids, device,
+                                   seed=cfg.train.seed * 1_000_003 + step * 997 + i, stats=stats)
+                if rollout is not None:
+                    rollouts.append(rollout)
+                    throughput.add(int(rollout.batch["attention_mask"].sum()))
+            num_sequences = sum(len(r.advantages) for r in rollouts)
+            num_tokens = sum(int(r.batch["loss_mask"][:, 1:].sum()) for r in rollouts)
+
+            # 4b. mu updates on the same rollouts, the normaliser counted over the whole step.
+            lr = engine.lr
+            totals = torch.zeros(4, device=device)  # loss, kl sum, clipped tokens, tokens
+            for _ in range(g.inner_updates if rollouts else 0):
+                totals.zero_()
+                for rollout in rollouts:
+                    batch = rollout.batch
+                    mask = batch["loss_mask"][:, 1:].float()
+                    with engine.autocast():
+                        logits = policy(**forward_inputs(batch)).logits
+                    logprobs = token_logprobs(logits / cfg.rollout.temperature, batch["input_ids"])
+                    old = rollout.old_logprobs if rollout.old_logprobs is not None else logprobs.detach()
+                    per_token, clipped = clipped_surrogate(logprobs, old, rollout.advantages[:, None], g.epsilon_low, g.epsilon_high)
+                    kl = torch.zeros_like(per_token)
+                    if rollout.ref_logprobs is not None:
+                        kl = KL_ESTIMATORS[g.kl_estimator.value](logprobs, rollout.ref_logprobs)
+                        per_token = per_token + g.beta * kl
+                    loss = aggregate_loss(per_token, mask, g.loss_agg.value, num_sequences=num_sequences,
+                                          num_tokens=num_tokens, max_length=cfg.rollout.max_new_tokens)
+                    engine.backward(loss)
+                    totals += torch.stack([loss.detach(), (kl.detach() * mask).sum(), (clipped * mask).sum(), mask.sum()])
+                grad_norm = engine.step()
+            done = step + 1
+            metrics.advance(done)
+
+            if done % cfg.train.log_every == 0 or done == total_steps:
+                loss_sum, kl_sum, clipped_tokens, tokens = totals.tolist()
+                reward = torch.tensor(stats["reward"])
+                last = {
+                    "loss": loss_sum, "reward/mean": float(reward.mean()), "reward/std": float(reward.std()),
+                    **{f"reward/{name}": sum(v) / len(v) for name, v in stats.items() if name not in ("reward", "length", "zero_std")},
+                    "kl": kl_sum / max(tokens, 1), "clipfrac": clipped_tokens / max(tokens, 1),
+                    "completion_length": sum(stats["length"]) / len(stats["length"]),
+                    "frac_reward_zero_std": sum(stats["zero_std"]) / len(stats["zero_std"]),
+                    "lr": lr, "grad_norm": grad_norm if rollouts else 0.0, "tokens_per_s": throughput.read(),
+                }
+                metrics.log(done, last)
+            if answer_examples and due(cfg.train.eval_every, done, total_steps):
+                metrics.log(done, evaluate())
+            if due(cfg.train.save_every, done, total_steps):
+                save_checkpoint(cfg, start, done, policy, engine)
+
+        # 5. Final evaluation and the model.
+        final_metrics = {k: last.get(k) for k in ("reward/mean", "kl", "completion_length")} | {"steps": total_steps}
+        if answer_examples:
+            evaluation = evaluate()
+            metrics.log(total_steps, evaluation)
+            final_metrics.update(evaluation)
+    finally:
+        metrics.close()
+    finish(start, policy, tokenizer, final_metrics)
+    return final_metrics
+
+
+@torch.no_grad()
+def _rollout(policy, reference, tokenizer, examples: list[PromptExample], rewards, cfg: Any, stop_ids: set[int],
+             device: torch.device, seed: int, stats: dict[str, list[float]]) -> Rollout | None:
+    """Sample G completions per prompt, score them, and build the loss's tensors (None when every
+    group was filtered out)."""
+    g = cfg.grpo
+    group = g.num_generations
+    prompt_ids = [encode_text_prompt(tokenizer, e.prompt) for e in examples]
+    repeated = [ids for ids in prompt_ids for _ in range(group)]
+    completions = generate(policy, repeated, max_new_tokens=cfg.rollout.max_new_tokens, pad_id=tokenizer.pad_token_id,
+                           stop_ids=stop_ids, batch_size=len(repeated), temperature=cfg.rollout.temperature,
+                           top_p=cfg.rollout.top_p, generator_seed=seed)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    prompt_texts = [t for t in tokenizer.batch_decode(prompt_ids, skip_special_tokens=True) for _ in range(group)]
+    totals, each = score(rewards, prompt_texts, texts, [e for e in examples for _ in range(group)])
+    reward = torch.tensor(totals)
+    advantages = ADVANTAGES[g.advantage.value](reward, group)
+    spread = reward.view(-1, group).std(dim=1) > 0
+    stats.setdefault("reward", []).extend(totals)
+    for name, values in each.items():
+        stats.setdefault(name, []).extend(values)
+    stats.setdefault("length", []).extend(len(c) for c in completions)
+    stats.setdefault("zero_std", []).extend((~spread).float().tolist())
+
+    keep = [i for i in range(len(completions)) if spread[i // group] or not g.filter_zero_std]
+    if not keep:
+        return None
+    rows = [TokenizedSample(repeated[i] + completions[i], [False] * len(repeated[i]) + [True] * len(completions[i]), "")
+            for i in keep]
+    batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+    old = ref = None
+    if g.inner_updates > 1:
+        old = token_logprobs(policy(**forward_inputs(batch)).logits / cfg.rollout.temperature, batch["input_ids"])
+    if reference is not None:
+        ref = token_logprobs(reference(**forward_inputs(batch)).logits / cfg.rollout.temperature, batch["input_ids"])
+    return Rollout(batch, advantages[keep].to(device), old, ref)
