@@ -227,6 +227,7 @@ def validate(cfg: Any) -> None:
             ("grpo.epsilon_high", g.epsilon_high >= 0, "must be non-negative"),
             ("grpo.inner_updates", g.inner_updates >= 1, "must be at least 1"),
             ("rollout.max_new_tokens", r.max_new_tokens >= 1, "must be at least 1"),
+            ("data.max_length", cfg.data.max_length > r.max_new_tokens, f"must exceed rollout.max_new_tokens={r.max_new_tokens} (room for the prompt)"),
             ("rollout.temperature", r.temperature > 0, "must be positive (sampling is needed for groups)"),
             ("rollout.top_p", 0 < r.top_p <= 1, "must be in (0, 1]"),
         ]

@@ -145,6 +145,24 @@ def apply_max_length(
     return kept
 
 
+def fit_prompt(prompt_ids: list[int], room: int, policy: Truncation, where: str, report: TruncationReport) -> Optional[list[int]]:
+    """A prompt cut to `room` tokens for generation: its end is kept (the part the completion follows);
+    None when dropped."""
+    report.total += 1
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    if policy == Truncation.error:
+        raise UserError(
+            f"{where}: prompt of {len(prompt_ids)} tokens leaves no room for rollout.max_new_tokens within "
+            f"data.max_length (at most {room} prompt tokens; raise data.max_length, or set data.truncation=truncate or drop)"
+        )
+    if policy == Truncation.drop:
+        report.dropped.append(where)
+        return None
+    report.truncated += 1
+    return prompt_ids[len(prompt_ids) - room :]
+
+
 def pack(samples: list[TokenizedSample], max_length: int) -> list[TokenizedSample]:
     """Best-fit-decreasing packing into rows of at most max_length tokens.
 

@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 from rlhf_cli.errors import UserError
 
@@ -88,7 +88,47 @@ def http_reward(url: str, timeout: float, retries: int) -> RewardFn:
                 return json.loads(reply)["rewards"]
             except (KeyError, TypeError, ValueError) as exc:
                 raise RuntimeError(f"{url} replied without a JSON list under 'rewards' ({exc})") from None
-        raise RuntimeError(f"{url} did not answer after {retries + 1} tries ({failure})")
+        tries = "1 try" if retries == 0 else f"{retries + 1} tries"
+        raise RuntimeError(f"{url} did not answer within {timeout:g} s ({tries}; last: {failure})")
+
+    return score
+
+
+def reward_model(model_cfg: Any, path: str, device: Any, batch_size: int = 64) -> RewardFn:
+    """The score of a reward model (a train-rm final/) at each completion's last token.
+
+    Prompt and completion are re-tokenised as text with the reward model's own tokenizer, exactly
+    as train-rm encoded its pairs, so a reward model need not share the policy's tokenizer.
+    """
+    import dataclasses
+
+    import torch
+
+    from rlhf_cli.data.batches import collate
+    from rlhf_cli.data.formats import Message
+    from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
+    from rlhf_cli.models import load_reward_model, load_tokenizer
+
+    rm_cfg = dataclasses.replace(model_cfg, path=path, gradient_checkpointing=False)
+    tokenizer = load_tokenizer(rm_cfg)
+    model = load_reward_model(rm_cfg, tokenizer, seed=0).to(device).eval().requires_grad_(False)
+    stop_ids = stop_token_ids(tokenizer)
+
+    @torch.no_grad()
+    def score(prompts: list[str], completions: list[str], examples: Sequence[Any]) -> list[float]:
+        samples = []
+        for completion, example in zip(completions, examples):
+            response = completion if isinstance(example.prompt, str) else (Message("assistant", completion),)
+            prompt_ids, response_ids = encode_prompt_response(tokenizer, example.prompt, response, stop_ids, example.where)
+            ids = prompt_ids + response_ids
+            samples.append(TokenizedSample(ids, [False] * len(ids), example.where))
+        scores = []
+        for start in range(0, len(samples), batch_size):
+            batch = collate(samples[start : start + batch_size], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           use_cache=False).logits
+            scores.extend(logits[:, 0].float().tolist())
+        return scores
 
     return score
 
@@ -104,8 +144,9 @@ def user_function(spec: str) -> RewardFn:
     return fn
 
 
-def build_rewards(specs: Sequence[Any], model_scorer: Optional[Callable[[str], RewardFn]] = None) -> list[Reward]:
-    """The reward functions a config names, each with its weight."""
+def build_rewards(specs: Sequence[Any], model_cfg: Any = None, device: Any = "cpu") -> list[Reward]:
+    """The reward functions a config names, each with its weight; `model_cfg` (the stage's `model`
+    keys) supplies the loading options of a `model` reward."""
     rewards = []
     for spec in specs:
         if spec.name == "exact_match":
@@ -124,9 +165,9 @@ def build_rewards(specs: Sequence[Any], model_scorer: Optional[Callable[[str], R
                 raise UserError("grpo.rewards: the http reward needs a `url`")
             fn = http_reward(spec.url, spec.timeout, spec.retries)
         elif spec.name == "model":
-            if not spec.path or model_scorer is None:
+            if not spec.path:
                 raise UserError("grpo.rewards: the model reward needs a `path` to a reward model (e.g. runs/default/rm/final)")
-            fn = model_scorer(spec.path)
+            fn = reward_model(model_cfg, spec.path, device)
         elif ":" in spec.name:
             fn = user_function(spec.name)
         else:

@@ -25,7 +25,7 @@ from rlhf_cli.config.schema import DataFormat
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.formats import PromptExample, to_prompt_examples, to_sft_examples
 from rlhf_cli.data.sources import load_rows
-from rlhf_cli.data.tokenize import TokenizedSample, encode_text_prompt, stop_token_ids
+from rlhf_cli.data.tokenize import TokenizedSample, TruncationReport, encode_text_prompt, fit_prompt, stop_token_ids
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import answer_accuracy
@@ -74,10 +74,10 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     if g.beta > 0:
         reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
         reference.to(device).eval().requires_grad_(False)
-    rewards = build_rewards(g.rewards)
+    rewards = build_rewards(g.rewards, cfg.model, device)
 
-    # 2. Data: prompts (with answers for the rule rewards); rows with answers for eval accuracy.
-    prompts = to_prompt_examples(load_rows(cfg.data.train, subset=cfg.data.subset, split=cfg.data.train_split))
+    # 2. Data: prompts, encoded once (with answers for the rule rewards); rows with answers for eval accuracy.
+    prompts = _encode_prompts(tokenizer, load_rows(cfg.data.train, subset=cfg.data.subset, split=cfg.data.train_split), cfg)
     answer_examples = []
     if cfg.eval.accuracy_data and cfg.eval.generate:
         answer_examples = [e for e in to_sft_examples(load_rows(cfg.eval.accuracy_data), DataFormat.auto)
@@ -110,9 +110,9 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         if start_step == 0 and answer_examples:
             metrics.log(0, evaluate())
         throughput = Throughput()
+        stats: dict[str, list[float]] = {}  # per completion, since the last log line
         for step in range(start_step, total_steps):
             # 4a. Rollouts for every micro-batch of the step, scored and turned into advantages.
-            stats: dict[str, list[float]] = {}
             rollouts = []
             for i, micro in enumerate(batches.micro_batches(step)):
                 rollout = _rollout(policy, reference, tokenizer, micro, rewards, cfg, stop_ids, device,
@@ -160,6 +160,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                     "lr": lr, "grad_norm": grad_norm if rollouts else 0.0, "tokens_per_s": throughput.read(),
                 }
                 metrics.log(done, last)
+                stats = {}
             if answer_examples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate())
             if due(cfg.train.save_every, done, total_steps):
@@ -177,20 +178,43 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     return final_metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    ids: list[int]
+    example: PromptExample
+
+
+def _encode_prompts(tokenizer, rows: list, cfg: Any) -> list[EncodedPrompt]:
+    """Every prompt's tokens, fitted so that prompt and completion stay within data.max_length."""
+    room = cfg.data.max_length - cfg.rollout.max_new_tokens
+    report = TruncationReport()
+    prompts = []
+    for example in to_prompt_examples(rows):
+        ids = fit_prompt(encode_text_prompt(tokenizer, example.prompt), room, cfg.data.truncation, example.where, report)
+        if ids is not None:
+            prompts.append(EncodedPrompt(ids, example))
+    summary = report.summary("data.train", cfg.data.max_length)
+    if summary:
+        log.warning(summary)
+    if not prompts:
+        raise UserError(f"data.train: no prompt fits data.max_length={cfg.data.max_length}")
+    return prompts
+
+
 @torch.no_grad()
-def _rollout(policy, reference, tokenizer, examples: list[PromptExample], rewards, cfg: Any, stop_ids: set[int],
+def _rollout(policy, reference, tokenizer, prompts: list[EncodedPrompt], rewards, cfg: Any, stop_ids: set[int],
              device: torch.device, seed: int, stats: dict[str, list[float]]) -> Rollout | None:
     """Sample G completions per prompt, score them, and build the loss's tensors (None when every
     group was filtered out)."""
     g = cfg.grpo
     group = g.num_generations
-    prompt_ids = [encode_text_prompt(tokenizer, e.prompt) for e in examples]
-    repeated = [ids for ids in prompt_ids for _ in range(group)]
+    examples = [p.example for p in prompts]
+    repeated = [p.ids for p in prompts for _ in range(group)]
     completions = generate(policy, repeated, max_new_tokens=cfg.rollout.max_new_tokens, pad_id=tokenizer.pad_token_id,
                            stop_ids=stop_ids, batch_size=len(repeated), temperature=cfg.rollout.temperature,
                            top_p=cfg.rollout.top_p, generator_seed=seed)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    prompt_texts = [t for t in tokenizer.batch_decode(prompt_ids, skip_special_tokens=True) for _ in range(group)]
+    prompt_texts = [t for t in tokenizer.batch_decode([p.ids for p in prompts], skip_special_tokens=True) for _ in range(group)]
     totals, each = score(rewards, prompt_texts, texts, [e for e in examples for _ in range(group)])
     reward = torch.tensor(totals)
     advantages = ADVANTAGES[g.advantage.value](reward, group)
