@@ -3,11 +3,15 @@
 The default engine is transformers' `generate` with KV cache, left-padded prompts and stopping at
 any stop token. Completions are cut after their first stop token (kept, since it was generated)
 and carry no padding (a sequence only pads after it stopped).
+
+The RL stages sample through a `Sampler` made by `make_sampler` from the `rollout` keys. The `hf`
+engine samples from the training module itself; an engine with its own copy of the weights (vLLM)
+plugs in here and must take the policy's weights before each rollout.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -61,3 +65,25 @@ def _cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
         if token in stop_ids:
             return tokens[: i + 1]
     return tokens
+
+
+class Sampler(Protocol):
+    def __call__(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """One sampled completion per prompt (repeat a prompt for a group); `seed` fixes the draw."""
+
+
+def make_sampler(rollout_cfg: Any, model: torch.nn.Module, pad_id: int, stop_ids: set[int]) -> Sampler:
+    """The sampler of `rollout.engine`, with the rollout's temperature, top-p and length."""
+    return ENGINES[rollout_cfg.engine.value](rollout_cfg, model, pad_id, stop_ids)
+
+
+def _hf_sampler(rollout_cfg: Any, model: torch.nn.Module, pad_id: int, stop_ids: set[int]) -> Sampler:
+    def sample(prompts: list[list[int]], seed: int) -> list[list[int]]:
+        return generate(model, prompts, max_new_tokens=rollout_cfg.max_new_tokens, pad_id=pad_id, stop_ids=stop_ids,
+                        batch_size=len(prompts), temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                        generator_seed=seed)
+
+    return sample
+
+
+ENGINES = {"hf": _hf_sampler}

@@ -48,19 +48,41 @@ def test_variants_train(rlhf, tmp_path, variant):
     assert SPEC_METRICS <= set(read_jsonl(run / "metrics.jsonl")[-1])
 
 
-def test_inner_updates_move_the_policy_off_its_rollout_policy(rlhf, tmp_path, monkeypatch):
-    """With mu = 2 the second update sees ratios away from 1; with mu = 1 none is ever clipped."""
-    # Untrained, the model never answers right: a reward that varies with the text gives every group a spread.
+@pytest.fixture
+def spread_reward(tmp_path, monkeypatch):
+    """Untrained, the model never answers right: a reward that varies with the text gives every group a spread."""
     (tmp_path / "spread_reward.py").write_text("def score(prompts, completions, examples):\n"
                                                "    return [float(sum(map(ord, c)) % 7) for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    return "grpo.rewards=[{name:'spread_reward:score'}]"
+
+
+def test_inner_updates_move_the_policy_off_its_rollout_policy(rlhf, tmp_path, spread_reward):
+    """With mu = 2 the second update sees ratios away from 1; with mu = 1 none is ever clipped."""
     data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     args = ["grpo", f"data.train={data}", *GRPO_QUICK, "train.lr=0.05", "grpo.epsilon_low=0.01", "grpo.epsilon_high=0.01",
-            "grpo.rewards=[{name:'spread_reward:score'}]"]
+            spread_reward]
     assert rlhf(*args, "output_dir=mu1").exit_code == 0
     assert rlhf(*args, "output_dir=mu2", "grpo.inner_updates=2").exit_code == 0
     assert all(m["clipfrac"] == 0 for m in read_jsonl(tmp_path / "mu1/metrics.jsonl"))
     assert any(m["clipfrac"] > 0 for m in read_jsonl(tmp_path / "mu2/metrics.jsonl"))
+
+
+def test_resumed_from_a_checkpoint_it_ends_with_the_weights_of_an_uninterrupted_run(rlhf, tmp_path, spread_reward):
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    args = ["grpo", f"data.train={data}", *GRPO_QUICK, "train.max_steps=4", "train.save_every=2", "train.lr=1e-3", spread_reward]
+    assert rlhf(*args, "output_dir=straight").exit_code == 0
+    resumed = rlhf(*args, "output_dir=resumed", f"resume={tmp_path / 'straight/checkpoints/step-2'}")
+    assert resumed.exit_code == 0, resumed.output
+    start = load_file(tmp_path / "straight/checkpoints/step-2/model.safetensors")
+    straight = load_file(tmp_path / "straight/final/model.safetensors")
+    again = load_file(tmp_path / "resumed/final/model.safetensors")
+    assert any(not torch.equal(start[name], straight[name]) for name in start if name in straight)
+    for name in straight:
+        torch.testing.assert_close(again[name], straight[name], atol=1e-6, rtol=0)
 
 
 def test_gsm8k_rows_with_the_math_reward(rlhf, tmp_path):

@@ -20,7 +20,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from rlhf_cli.config.schema import STAGE_SCHEMAS
+from rlhf_cli.config.schema import STAGE_SCHEMAS, show_value
 from rlhf_cli.config.user_yaml import FileOverride
 from rlhf_cli.errors import UserError
 
@@ -84,17 +84,12 @@ def stage_defaults(stage: str) -> dict[str, str]:
         cfg = compose(config_name=stage)
     flat: dict[str, str] = {}
 
-    def show(value: Any) -> str:
-        if isinstance(value, list):
-            return "[" + ",".join(show(v) for v in value) + "]"
-        return "null" if value is None else str(value)
-
     def walk(node: dict, prefix: str) -> None:
         for key, value in node.items():
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
             else:
-                flat[f"{prefix}{key}"] = show(value)
+                flat[f"{prefix}{key}"] = show_value(value)
 
     walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return flat

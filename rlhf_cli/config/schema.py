@@ -285,19 +285,22 @@ def key_help(schema: type) -> list[tuple[str, str, str]]:
             if is_dataclass(value):
                 walk(type(value), f"{prefix}{f.name}.")
             else:
-                rows.append((f"{prefix}{f.name}", _show(value), f.metadata.get("help", "")))
+                rows.append((f"{prefix}{f.name}", show_value(value), f.metadata.get("help", "")))
 
     walk(schema, "")
     return rows
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A config value as it would be written in an override (unset keys of a record left out)."""
     if is_dataclass(value):
-        return "{" + ",".join(f"{f.name}:{_show(getattr(value, f.name))}" for f in fields(value) if getattr(value, f.name) is not None) + "}"
+        return show_value({f.name: getattr(value, f.name) for f in fields(value)})
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{show_value(item)}" for key, item in value.items() if item is not None) + "}"
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, list):
-        return "[" + ",".join(_show(v) for v in value) + "]"
+        return "[" + ",".join(show_value(v) for v in value) + "]"
     if value is None:
         return "null"
     return str(value)

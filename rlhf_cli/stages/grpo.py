@@ -32,7 +32,7 @@ from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.rewards import build_rewards, score
-from rlhf_cli.rollout import generate
+from rlhf_cli.rollout import Sampler, make_sampler
 from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
     RunStart,
@@ -75,6 +75,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
         reference.to(device).eval().requires_grad_(False)
     rewards = build_rewards(g.rewards, cfg.model, device)
+    sampler = make_sampler(cfg.rollout, policy, tokenizer.pad_token_id, stop_ids)
 
     # 2. Data: prompts, encoded once (with answers for the rule rewards); rows with answers for eval accuracy.
     prompts = _encode_prompts(tokenizer, load_rows(cfg.data.train, subset=cfg.data.subset, split=cfg.data.train_split), cfg)
@@ -115,7 +116,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             # 4a. Rollouts for every micro-batch of the step, scored and turned into advantages.
             rollouts = []
             for i, micro in enumerate(batches.micro_batches(step)):
-                rollout = _rollout(policy, reference, tokenizer, micro, rewards, cfg, stop_ids, device,
+                rollout = _rollout(policy, reference, tokenizer, sampler, micro, rewards, cfg, device,
                                    seed=cfg.train.seed * 1_000_003 + step * 997 + i, stats=stats)
                 if rollout is not None:
                     rollouts.append(rollout)
@@ -202,7 +203,7 @@ def _encode_prompts(tokenizer, rows: list, cfg: Any) -> list[EncodedPrompt]:
 
 
 @torch.no_grad()
-def _rollout(policy, reference, tokenizer, prompts: list[EncodedPrompt], rewards, cfg: Any, stop_ids: set[int],
+def _rollout(policy, reference, tokenizer, sampler: Sampler, prompts: list[EncodedPrompt], rewards, cfg: Any,
              device: torch.device, seed: int, stats: dict[str, list[float]]) -> Rollout | None:
     """Sample G completions per prompt, score them, and build the loss's tensors (None when every
     group was filtered out)."""
@@ -210,9 +211,7 @@ def _rollout(policy, reference, tokenizer, prompts: list[EncodedPrompt], rewards
     group = g.num_generations
     examples = [p.example for p in prompts]
     repeated = [p.ids for p in prompts for _ in range(group)]
-    completions = generate(policy, repeated, max_new_tokens=cfg.rollout.max_new_tokens, pad_id=tokenizer.pad_token_id,
-                           stop_ids=stop_ids, batch_size=len(repeated), temperature=cfg.rollout.temperature,
-                           top_p=cfg.rollout.top_p, generator_seed=seed)
+    completions = sampler(repeated, seed)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     prompt_texts = [t for t in tokenizer.batch_decode([p.ids for p in prompts], skip_special_tokens=True) for _ in range(group)]
     totals, each = score(rewards, prompt_texts, texts, [e for e in examples for _ in range(group)])
