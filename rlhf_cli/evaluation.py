@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from rlhf_cli.data.formats import SFTExample
+from rlhf_cli.config.schema import DataFormat
+from rlhf_cli.data.formats import SFTExample, to_sft_examples
+from rlhf_cli.data.sources import load_rows
 from rlhf_cli.data.tokenize import encode_prompt
+from rlhf_cli.errors import UserError
 from rlhf_cli.rollout import generate
+
+
+def load_answer_examples(eval_cfg: Any) -> list[SFTExample]:
+    """The first `eval.generate` rows of `eval.accuracy_data` that carry an `answer` (none when either is unset)."""
+    if not (eval_cfg.accuracy_data and eval_cfg.generate):
+        return []
+    examples = [e for e in to_sft_examples(load_rows(eval_cfg.accuracy_data), DataFormat.auto) if e.answer is not None]
+    if not examples:
+        raise UserError(f"eval.accuracy_data: {eval_cfg.accuracy_data} has no rows with an `answer` field")
+    return examples[: eval_cfg.generate]
 
 
 def answer_accuracy(model, tokenizer, examples: Sequence[SFTExample], stop_ids: set[int], *,

@@ -83,3 +83,56 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, *, nu
     if mode == "seq_mean_token_sum_norm":
         return masked.sum() / (num_sequences * max_length)
     raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries only (unbiased variance); masked-out entries become 0."""
+    mean = masked_mean(values, mask)
+    centred = (values - mean) * mask
+    variance = (centred**2).sum() / (mask.sum() - 1).clamp(min=1)
+    return centred * torch.rsqrt(variance + eps)
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """InstructGPT's per-token reward: -kl_coef * KL at every response token, plus the sequence's score
+    at its last one. scores (B,), kl and mask (B, T) with each row's tokens first."""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(-1).long().clamp(min=1) - 1
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each row's masked tokens, which come
+    first; the value after a row's last token is 0. Returns (advantages, returns), both (B, T), zero
+    where masked: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, R_t = A_t + V_t."""
+    mask = mask.to(values.dtype)
+    follows = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)  # a token of the row comes next
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * follows
+    deltas = rewards + gamma * next_values - values
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
+        running = (deltas[:, t] + gamma * lam * follows[:, t] * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's value loss per token: 1/2 max((V - R)^2, (clip(V, V_old +- clip) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over the last dimension: logsumexp(z) - sum softmax(z) z."""
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, steps: int) -> float:
+    """Ziegler et al. 2019's controller: coef * (1 + clip(kl / target - 1, -0.2, 0.2) * steps / horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * steps / horizon)

@@ -26,15 +26,12 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_cli.algos.dpo import VARIANTS, logratio_margin
 from rlhf_cli.algos.losses import sequence_logprobs
-from rlhf_cli.config.schema import DataFormat
 from rlhf_cli.data.batches import StepBatches, collate
-from rlhf_cli.data.formats import to_sft_examples
 from rlhf_cli.data.preferences import to_preference_groups
-from rlhf_cli.data.sources import load_rows
 from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
-from rlhf_cli.evaluation import answer_accuracy
+from rlhf_cli.evaluation import answer_accuracy, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.runs import REFERENCE_CACHE
@@ -95,12 +92,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     train_rows, eval_rows = split_rows(cfg.data)
     train_pairs = _encode(tokenizer, train_rows, cfg, stop_ids, "data.train")
     eval_pairs = _encode(tokenizer, eval_rows, cfg, stop_ids, "data.eval")[: cfg.eval.max_samples or None] if eval_rows else []
-    answer_examples = []
-    if cfg.eval.accuracy_data and cfg.eval.generate:
-        answer_examples = [e for e in to_sft_examples(load_rows(cfg.eval.accuracy_data), DataFormat.auto)
-                           if e.answer is not None][: cfg.eval.generate]
-        if not answer_examples:
-            raise UserError(f"eval.accuracy_data: {cfg.eval.accuracy_data} has no rows with an `answer` field")
+    answer_examples = load_answer_examples(cfg.eval)
     batches = StepBatches(train_pairs, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
     total_steps = plan_steps(cfg.train, len(train_pairs), batches.samples_per_step)
 

@@ -21,14 +21,13 @@ import torch
 
 from rlhf_cli.algos.losses import token_logprobs
 from rlhf_cli.algos.policy import ADVANTAGES, KL_ESTIMATORS, aggregate_loss, clipped_surrogate
-from rlhf_cli.config.schema import DataFormat
 from rlhf_cli.data.batches import StepBatches, collate
-from rlhf_cli.data.formats import PromptExample, to_prompt_examples, to_sft_examples
+from rlhf_cli.data.formats import PromptExample, to_prompt_examples
 from rlhf_cli.data.sources import load_rows
 from rlhf_cli.data.tokenize import TokenizedSample, TruncationReport, encode_text_prompt, fit_prompt, stop_token_ids
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
-from rlhf_cli.evaluation import answer_accuracy
+from rlhf_cli.evaluation import answer_accuracy, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.rewards import build_rewards, score
@@ -79,12 +78,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
 
     # 2. Data: prompts, encoded once (with answers for the rule rewards); rows with answers for eval accuracy.
     prompts = _encode_prompts(tokenizer, load_rows(cfg.data.train, subset=cfg.data.subset, split=cfg.data.train_split), cfg)
-    answer_examples = []
-    if cfg.eval.accuracy_data and cfg.eval.generate:
-        answer_examples = [e for e in to_sft_examples(load_rows(cfg.eval.accuracy_data), DataFormat.auto)
-                           if e.answer is not None][: cfg.eval.generate]
-        if not answer_examples:
-            raise UserError(f"eval.accuracy_data: {cfg.eval.accuracy_data} has no rows with an `answer` field")
+    answer_examples = load_answer_examples(cfg.eval)
     batches = StepBatches(prompts, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
     total_steps = plan_steps(cfg.train, len(prompts), batches.samples_per_step)
 

@@ -6,14 +6,21 @@ import pytest
 import torch
 
 from rlhf_cli.algos.policy import (
+    adaptive_kl_coef,
     aggregate_loss,
     clipped_surrogate,
+    clipped_value_loss,
     dr_grpo_advantages,
+    entropy_from_logits,
+    gae,
     grpo_advantages,
     kl_k1,
     kl_k2,
     kl_k3,
+    masked_mean,
+    masked_whiten,
     rloo_advantages,
+    token_rewards,
 )
 
 # Two groups of G=3: rewards (1, 0, 0) and (1, 1, 1).
@@ -95,3 +102,63 @@ def test_aggregations_add_up_over_micro_batches():
         parts = sum(aggregate_loss(PER_TOKEN[i : i + 1], MASK[i : i + 1], mode, num_sequences=2, num_tokens=4, max_length=8)
                     for i in range(2))
         assert torch.isclose(whole, parts)
+
+
+def test_masked_whiten_uses_only_masked_entries():
+    values = torch.tensor([[1.0, 2.0, 99.0], [3.0, 99.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # entries 1, 2, 3: mean 2, unbiased std 1
+    assert torch.allclose(masked_whiten(values, mask), torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), atol=1e-6)
+    assert math.isclose(float(masked_mean(values, mask)), 2.0)
+
+
+def test_token_rewards_put_the_score_on_the_last_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.7, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards = token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25, -0.35 - 1.0, 0.0]]))
+
+
+def test_gae_on_hand_computed_trajectories_of_different_lengths():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, -1.0, 7.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3], [0.2, 0.1, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the second row ends after two tokens
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    # Row 1: d2 = 1 - 0.3 = 0.7; d1 = 0 + 0.9*0.3 - 0.4 = -0.13; d0 = 0 + 0.9*0.4 - 0.5 = -0.14
+    #        A2 = 0.7; A1 = -0.13 + 0.72*0.7 = 0.374; A0 = -0.14 + 0.72*0.374 = 0.12928
+    # Row 2: the third token is padding (its reward 7 and value 9 are ignored); V after the end is 0.
+    #        d1 = -1 - 0.1 = -1.1; d0 = 0.5 + 0.9*0.1 - 0.2 = 0.39; A1 = -1.1; A0 = 0.39 + 0.72*(-1.1) = -0.402
+    expected = torch.tensor([[0.12928, 0.374, 0.7], [-0.402, -1.1, 0.0]])
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert torch.allclose(returns, (expected + values) * mask, atol=1e-6)
+
+
+def test_gae_with_lambda_1_and_gamma_1_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), 1.0, 1.0)
+    assert torch.allclose(returns, torch.tensor([[6.0, 5.0, 3.0]]))
+    assert torch.allclose(advantages, torch.tensor([[5.5, 4.5, 2.5]]))
+
+
+def test_clipped_value_loss_takes_the_larger_error():
+    old = torch.tensor([1.0, 1.0, 1.0])
+    returns = torch.tensor([2.0, 0.0, 1.5])
+    values = torch.tensor([1.5, 1.5, 1.1])
+    loss = clipped_value_loss(values, old, returns, clip=0.2)
+    # clipped values: 1.2, 1.2, 1.1
+    # 1: max((1.5-2)^2, (1.2-2)^2) = 0.64; 2: max(2.25, 1.44) = 2.25; 3: max(0.16, 0.16) = 0.16
+    assert torch.allclose(loss, 0.5 * torch.tensor([0.64, 2.25, 0.16]))
+
+
+def test_entropy_from_logits():
+    assert math.isclose(float(entropy_from_logits(torch.zeros(4))), math.log(4), rel_tol=1e-6)
+    assert float(entropy_from_logits(torch.tensor([100.0, 0.0]))) < 1e-6
+
+
+def test_adaptive_kl_controller():
+    # kl 0.15 against target 0.1: error +0.5 clipped to +0.2; 10 steps over horizon 100 -> x1.02
+    assert math.isclose(adaptive_kl_coef(0.1, 0.15, 0.1, 100, 10), 0.1 * 1.02)
+    # kl 0.09: error -0.1 -> x(1 - 0.1 * 10 / 100) = x0.99
+    assert math.isclose(adaptive_kl_coef(0.1, 0.09, 0.1, 100, 10), 0.1 * 0.99)
