@@ -30,6 +30,7 @@ STAGE_HELP = {
     "sft": "Supervised fine-tuning: learn the assistant turns (or completions) of a dataset.",
     "train-rm": "Reward model: a scalar score learned from pairwise or ranked preferences, started from sft/final.",
     "dpo": "Direct preference optimisation (and IPO, SLiC hinge, robust DPO, SimPO) from sft/final.",
+    "ppo": "PPO against rm/final with a critic (InstructGPT step 3), from sft/final.",
     "grpo": "Group relative policy optimisation with rule, model, http or Python rewards, from sft/final.",
 }
 # Hydra flags that take the next argument as their value.

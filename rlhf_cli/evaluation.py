@@ -22,12 +22,22 @@ def load_answer_examples(eval_cfg: Any) -> list[SFTExample]:
     return examples[: eval_cfg.generate]
 
 
-def answer_accuracy(model, tokenizer, examples: Sequence[SFTExample], stop_ids: set[int], *,
-                    max_new_tokens: int, batch_size: int) -> float:
-    """Fraction of examples whose greedy completion, stripped, equals their `answer`."""
+def greedy_texts(model, tokenizer, examples: Sequence[SFTExample], stop_ids: set[int], *,
+                 max_new_tokens: int, batch_size: int) -> list[str]:
+    """Each example's greedy completion, decoded without special tokens."""
     completions = generate(
         model, [encode_prompt(tokenizer, e) for e in examples],
         max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids, batch_size=batch_size,
     )
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
+
+
+def exact_match_rate(texts: Sequence[str], examples: Sequence[SFTExample]) -> float:
     return sum(text.strip() == e.answer.strip() for text, e in zip(texts, examples)) / len(examples)
+
+
+def answer_accuracy(model, tokenizer, examples: Sequence[SFTExample], stop_ids: set[int], *,
+                    max_new_tokens: int, batch_size: int) -> float:
+    """Fraction of examples whose greedy completion, stripped, equals their `answer`."""
+    texts = greedy_texts(model, tokenizer, examples, stop_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return exact_match_rate(texts, examples)

@@ -136,3 +136,12 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, step
     """Ziegler et al. 2019's controller: coef * (1 + clip(kl / target - 1, -0.2, 0.2) * steps / horizon)."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * steps / horizon)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked entries: 1 is a perfect critic, 0 one
+    that predicts the mean, negative one that is worse than that."""
+    variance = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    residual_variance = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float(1 - residual_variance / variance) if variance > 0 else 0.0

@@ -213,18 +213,40 @@ def validate(cfg: Any) -> None:
             ("dpo.label_smoothing", 0 <= cfg.dpo.label_smoothing < smoothing_limit, f"must be in [0, {smoothing_limit})"),
             ("dpo.sft_weight", cfg.dpo.sft_weight >= 0, "must be non-negative"),
         ]
+    if hasattr(cfg, "rollout"):
+        r = cfg.rollout
+        checks += [
+            ("rollout.max_new_tokens", r.max_new_tokens >= 1, "must be at least 1"),
+            ("data.max_length", cfg.data.max_length > r.max_new_tokens, f"must exceed rollout.max_new_tokens={r.max_new_tokens} (room for the prompt)"),
+            ("rollout.temperature", r.temperature > 0, "must be positive (the policy is sampled)"),
+            ("rollout.top_p", 0 < r.top_p <= 1, "must be in (0, 1]"),
+        ]
+    if hasattr(cfg, "ppo"):
+        p = cfg.ppo
+        rollouts_per_step = cfg.train.batch_size * cfg.train.grad_accum
+        checks += [
+            ("ppo.kl_coef", p.kl_coef >= 0, "must be non-negative"),
+            ("ppo.kl_target", p.kl_target is None or p.kl_target > 0, "must be positive (or null for a fixed kl_coef)"),
+            ("ppo.kl_horizon", p.kl_horizon >= 1, "must be at least 1"),
+            ("ppo.gamma", 0 < p.gamma <= 1, "must be in (0, 1]"),
+            ("ppo.lam", 0 <= p.lam <= 1, "must be in [0, 1]"),
+            ("ppo.epochs", p.epochs >= 1, "must be at least 1"),
+            ("ppo.num_mini_batches", p.num_mini_batches >= 1 and rollouts_per_step % p.num_mini_batches == 0,
+             f"must divide the {rollouts_per_step} responses of a step (train.batch_size x train.grad_accum)"),
+            ("ppo.clip_range", 0 < p.clip_range < 1, "must be in (0, 1)"),
+            ("ppo.value_clip", p.value_clip > 0, "must be positive"),
+            ("ppo.early_stop_kl", p.early_stop_kl is None or p.early_stop_kl > 0, "must be positive (or null)"),
+            ("ppo.reward_clip", p.reward_clip > 0, "must be positive"),
+            ("critic.lr", cfg.critic.lr > 0, "must be positive"),
+        ]
     if hasattr(cfg, "grpo"):
-        g, r = cfg.grpo, cfg.rollout
+        g = cfg.grpo
         checks += [
             ("grpo.num_generations", g.num_generations >= 2, "must be at least 2 (a group needs two completions)"),
             ("grpo.beta", g.beta >= 0, "must be non-negative"),
             ("grpo.epsilon_low", 0 <= g.epsilon_low < 1, "must be in [0, 1)"),
             ("grpo.epsilon_high", g.epsilon_high >= 0, "must be non-negative"),
             ("grpo.inner_updates", g.inner_updates >= 1, "must be at least 1"),
-            ("rollout.max_new_tokens", r.max_new_tokens >= 1, "must be at least 1"),
-            ("data.max_length", cfg.data.max_length > r.max_new_tokens, f"must exceed rollout.max_new_tokens={r.max_new_tokens} (room for the prompt)"),
-            ("rollout.temperature", r.temperature > 0, "must be positive (sampling is needed for groups)"),
-            ("rollout.top_p", 0 < r.top_p <= 1, "must be in (0, 1]"),
         ]
     for key, ok, rule in checks:
         if not ok:

@@ -271,7 +271,51 @@ class GRPOConfig(StageConfig):
     eval: AccuracyEvalConfig = field(default_factory=AccuracyEvalConfig)
 
 
-STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
+@dataclass
+class RewardKeys:
+    path: Optional[str] = _key(None, "the frozen reward model (a train-rm final/); null: rm/final of from_run")
+
+
+@dataclass
+class CriticKeys:
+    path: Optional[str] = _key(None, "the critic's start (a sequence-classification model); null: the reward model")
+    lr: float = _key(1e-4, "the critic's learning rate (its schedule follows train.lr_scheduler)")
+
+
+@dataclass
+class PPOKeys:
+    kl_coef: float = _key(0.05, "beta: weight of the per-token KL penalty in the reward (the start value with kl_target)")
+    kl_target: Optional[float] = _key(None, "adaptive KL control (Ziegler et al.): target KL per response; null keeps kl_coef fixed")
+    kl_horizon: int = _key(10000, "adaptive KL control: horizon in responses")
+    gamma: float = _key(1.0, "GAE discount")
+    lam: float = _key(0.95, "GAE lambda")
+    epochs: int = _key(4, "PPO epochs over each rollout batch")
+    num_mini_batches: int = _key(1, "mini-batches per epoch, each one optimizer step of actor and critic")
+    clip_range: float = _key(0.2, "policy ratio clipped to [1 - clip_range, 1 + clip_range]")
+    value_clip: float = _key(0.2, "value predictions clipped to old value +- value_clip in the value loss")
+    value_coef: float = _key(0.5, "weight of the value loss")
+    entropy_coef: float = _key(0.0, "weight of the entropy bonus")
+    early_stop_kl: Optional[float] = _key(None, "stop a batch's remaining updates once the approximate KL to the rollout policy passes this")
+    missing_eos_penalty: float = _key(1.0, "subtracted from the (normalised) score of a response that ends without EOS")
+    normalize_reward: bool = _key(True, "normalise scores with the reward model's mean and std from its train-rm manifest")
+    reward_clip: float = _key(5.0, "normalised scores clipped to +- reward_clip")
+    whiten_advantages: bool = _key(True, "whiten advantages over the batch's response tokens")
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    """PPO against a learned reward model with a critic (InstructGPT step 3)."""
+
+    from_run: str = _key("runs/default", "run directory whose sft/final is the policy and reference and whose rm/final the reward model and critic")
+    ref: ReferenceKeys = field(default_factory=ReferenceKeys)
+    reward: RewardKeys = field(default_factory=RewardKeys)
+    critic: CriticKeys = field(default_factory=CriticKeys)
+    rollout: RolloutKeys = field(default_factory=RolloutKeys)
+    ppo: PPOKeys = field(default_factory=PPOKeys)
+    eval: AccuracyEvalConfig = field(default_factory=AccuracyEvalConfig)
+
+
+STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
 
 
 def key_help(schema: type) -> list[tuple[str, str, str]]:

@@ -12,12 +12,15 @@ Plain-text rows are `tokens(prompt) + tokens(completion) + [EOS]`, with the comp
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from rlhf_cli.config.schema import Truncation
-from rlhf_cli.data.formats import Message, SFTExample
+from rlhf_cli.data.formats import Message, PromptExample, SFTExample, to_prompt_examples
 from rlhf_cli.errors import UserError
+
+log = logging.getLogger("rlhf")
 
 
 @dataclass
@@ -161,6 +164,31 @@ def fit_prompt(prompt_ids: list[int], room: int, policy: Truncation, where: str,
         return None
     report.truncated += 1
     return prompt_ids[len(prompt_ids) - room :]
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt of the RL stages: its tokens, and the example (row, answer) it came from."""
+
+    ids: list[int]
+    example: PromptExample
+
+
+def encode_prompts(tokenizer, rows: Sequence, data_cfg: Any, max_new_tokens: int) -> list[EncodedPrompt]:
+    """Every prompt's tokens, fitted so that prompt and completion stay within data.max_length."""
+    room = data_cfg.max_length - max_new_tokens
+    report = TruncationReport()
+    prompts = []
+    for example in to_prompt_examples(rows):
+        ids = fit_prompt(encode_text_prompt(tokenizer, example.prompt), room, data_cfg.truncation, example.where, report)
+        if ids is not None:
+            prompts.append(EncodedPrompt(ids, example))
+    summary = report.summary("data.train", data_cfg.max_length)
+    if summary:
+        log.warning(summary)
+    if not prompts:
+        raise UserError(f"data.train: no prompt fits data.max_length={data_cfg.max_length}")
+    return prompts
 
 
 def pack(samples: list[TokenizedSample], max_length: int) -> list[TokenizedSample]:

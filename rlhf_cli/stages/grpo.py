@@ -22,11 +22,9 @@ import torch
 from rlhf_cli.algos.losses import token_logprobs
 from rlhf_cli.algos.policy import ADVANTAGES, KL_ESTIMATORS, aggregate_loss, clipped_surrogate
 from rlhf_cli.data.batches import StepBatches, collate
-from rlhf_cli.data.formats import PromptExample, to_prompt_examples
 from rlhf_cli.data.sources import load_rows
-from rlhf_cli.data.tokenize import TokenizedSample, TruncationReport, encode_text_prompt, fit_prompt, stop_token_ids
+from rlhf_cli.data.tokenize import EncodedPrompt, TokenizedSample, encode_prompts, stop_token_ids
 from rlhf_cli.engine import TorchEngine
-from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import answer_accuracy, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
@@ -77,7 +75,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     sampler = make_sampler(cfg.rollout, policy, tokenizer.pad_token_id, stop_ids)
 
     # 2. Data: prompts, encoded once (with answers for the rule rewards); rows with answers for eval accuracy.
-    prompts = _encode_prompts(tokenizer, load_rows(cfg.data.train, subset=cfg.data.subset, split=cfg.data.train_split), cfg)
+    prompts = encode_prompts(tokenizer, load_rows(cfg.data.train, subset=cfg.data.subset, split=cfg.data.train_split),
+                             cfg.data, cfg.rollout.max_new_tokens)
     answer_examples = load_answer_examples(cfg.eval)
     batches = StepBatches(prompts, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
     total_steps = plan_steps(cfg.train, len(prompts), batches.samples_per_step)
@@ -171,29 +170,6 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         metrics.close()
     finish(start, policy, tokenizer, final_metrics)
     return final_metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodedPrompt:
-    ids: list[int]
-    example: PromptExample
-
-
-def _encode_prompts(tokenizer, rows: list, cfg: Any) -> list[EncodedPrompt]:
-    """Every prompt's tokens, fitted so that prompt and completion stay within data.max_length."""
-    room = cfg.data.max_length - cfg.rollout.max_new_tokens
-    report = TruncationReport()
-    prompts = []
-    for example in to_prompt_examples(rows):
-        ids = fit_prompt(encode_text_prompt(tokenizer, example.prompt), room, cfg.data.truncation, example.where, report)
-        if ids is not None:
-            prompts.append(EncodedPrompt(ids, example))
-    summary = report.summary("data.train", cfg.data.max_length)
-    if summary:
-        log.warning(summary)
-    if not prompts:
-        raise UserError(f"data.train: no prompt fits data.max_length={cfg.data.max_length}")
-    return prompts
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from rlhf_cli.algos.policy import (
     clipped_value_loss,
     dr_grpo_advantages,
     entropy_from_logits,
+    explained_variance,
     gae,
     grpo_advantages,
     kl_k1,
@@ -162,3 +163,12 @@ def test_adaptive_kl_controller():
     assert math.isclose(adaptive_kl_coef(0.1, 0.15, 0.1, 100, 10), 0.1 * 1.02)
     # kl 0.09: error -0.1 -> x(1 - 0.1 * 10 / 100) = x0.99
     assert math.isclose(adaptive_kl_coef(0.1, 0.09, 0.1, 100, 10), 0.1 * 0.99)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert math.isclose(explained_variance(returns.clone(), returns, mask), 1.0)
+    assert math.isclose(explained_variance(torch.full_like(returns, 2.0), returns, mask), 0.0, abs_tol=1e-6)
+    # residuals (1, 0, -1) around 0: variance 2/3 against 2/3 for the returns -> 0; shifted by a constant, same
+    assert math.isclose(explained_variance(returns - 1 + torch.tensor([[0.0, 1.0, 2.0, 0.0]]), returns, mask), 0.0, abs_tol=1e-6)

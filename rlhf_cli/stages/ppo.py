@@ -1,0 +1,316 @@
+"""rlhf ppo: PPO against a learned reward model, InstructGPT's step 3 (Ouyang et al. 2022).
+
+Four models: the actor (from sft/final), the critic (from rm/final), and the frozen reference
+(sft/final) and reward model (rm/final). Each step samples one response per prompt, scores it with
+the reward model (normalised by the reward model's own statistics, clipped, and penalised when it
+never reached EOS), and builds per-token rewards: -kl_coef * (log pi_old - log ref) at every response
+token plus the score at the last. GAE turns them into advantages (whitened over the batch) and
+returns; then `ppo.epochs` passes over shuffled mini-batches, each an optimizer step of the actor
+(clipped surrogate, entropy bonus) and the critic (clipped value loss).
+
+Values and log-probabilities live in "response space": (B, R) tensors whose row b holds the
+response tokens of sequence b first, gathered from the (B, T - 1) next-token positions of a
+right-padded prompt + response batch: response token i of a prompt of length P is predicted at
+position P + i - 1, where the critic's value is read too (the value of the state before the token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_cli.algos.losses import token_logprobs
+from rlhf_cli.algos.policy import (
+    adaptive_kl_coef,
+    clipped_surrogate,
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_k2,
+    masked_mean,
+    masked_whiten,
+    token_rewards,
+)
+from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.formats import PromptExample
+from rlhf_cli.data.sources import load_rows
+from rlhf_cli.data.tokenize import EncodedPrompt, TokenizedSample, encode_prompts, stop_token_ids
+from rlhf_cli.engine import TorchEngine
+from rlhf_cli.errors import UserError
+from rlhf_cli.evaluation import exact_match_rate, greedy_texts, load_answer_examples
+from rlhf_cli.metrics import MetricsLogger, Throughput
+from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_reward_model, load_tokenizer, resolve_dtype
+from rlhf_cli.rewards import reward_model
+from rlhf_cli.rollout import make_sampler
+from rlhf_cli.runs import RunDir
+from rlhf_cli.runs.chain import chained_final
+from rlhf_cli.stages import (
+    RunStart,
+    begin_training,
+    describe_model_source,
+    due,
+    finish,
+    plan_steps,
+    save_checkpoint,
+    seed_everything,
+)
+
+log = logging.getLogger("rlhf")
+
+
+class ActorCritic(torch.nn.Module):
+    """The two trained models under one module, so that a checkpoint holds both."""
+
+    def __init__(self, actor: torch.nn.Module, critic: torch.nn.Module):
+        super().__init__()
+        self.actor = actor
+        self.critic = critic
+
+
+class ActorCriticEngine:
+    """The actor's and the critic's optimizers, and the KL coefficient the adaptive controller moves:
+    the training state a checkpoint must restore beyond the weights."""
+
+    def __init__(self, actor: TorchEngine, critic: TorchEngine, kl_coef: float):
+        self.actor, self.critic, self.kl_coef = actor, critic, kl_coef
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "kl_coef": self.kl_coef}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.kl_coef = state["kl_coef"]
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """One step's sampled responses, scored, with everything the updates need (response space)."""
+
+    batch: dict[str, torch.Tensor]  # right-padded prompt + response rows
+    index: torch.Tensor  # (B, R) next-token positions of each response token
+    mask: torch.Tensor  # (B, R) 1.0 on response tokens
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def rows(self, selected: torch.Tensor) -> "Rollouts":
+        return Rollouts({k: v[selected] for k, v in self.batch.items()},
+                        *(t[selected] for t in (self.index, self.mask, self.old_logprobs, self.old_values, self.advantages, self.returns)))
+
+
+def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
+    p = cfg.ppo
+    # 1. The four models: actor and reference from sft/final, reward model and critic from rm/final.
+    seed_everything(cfg.train.seed)
+    if cfg.model.path is None:
+        cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
+    reward_path = cfg.reward.path or chained_final(cfg.from_run, "train-rm", "reward.path")
+    critic_path = cfg.critic.path or reward_path
+    reference_path = cfg.ref.path or cfg.model.path
+    device = default_device()
+    tokenizer = load_tokenizer(cfg.model)
+    actor = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(device)
+    reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
+    reference.to(device).eval().requires_grad_(False)
+    critic = _load_critic(cfg, critic_path, tokenizer).to(device)
+    score = reward_model(cfg.model, reward_path, device)
+    reward_stats = _reward_stats(reward_path) if p.normalize_reward else None
+    stop_ids = stop_token_ids(tokenizer, actor.generation_config)
+    sampler = make_sampler(cfg.rollout, actor, tokenizer.pad_token_id, stop_ids)
+
+    # 2. Data: prompts; rows with answers for eval accuracy.
+    prompts = encode_prompts(tokenizer, load_rows(cfg.data.train, subset=cfg.data.subset, split=cfg.data.train_split),
+                             cfg.data, cfg.rollout.max_new_tokens)
+    answer_examples = load_answer_examples(cfg.eval)
+    batches = StepBatches(prompts, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+    total_steps = plan_steps(cfg.train, len(prompts), batches.samples_per_step)
+
+    # 3. Engines (one optimizer step per mini-batch and epoch) and the state to resume from.
+    updates = total_steps * p.epochs * p.num_mini_batches
+    dtype = resolve_dtype(cfg.model.dtype.value)
+    engine = ActorCriticEngine(TorchEngine(actor, cfg.train, updates, dtype),
+                               TorchEngine(critic, dataclasses.replace(cfg.train, lr=cfg.critic.lr), updates, dtype), p.kl_coef)
+    models = ActorCritic(actor, critic)
+    parents = {"model": describe_model_source(cfg.model.path), "reference": describe_model_source(reference_path),
+               "reward": describe_model_source(reward_path), "critic": describe_model_source(critic_path)}
+    start_step = begin_training(cfg, start, models, engine, parents, overrides)
+    log.info(
+        f"ppo: actor {count_parameters(actor) / 1e6:.2f}M, critic {count_parameters(critic) / 1e6:.2f}M parameters, "
+        f"{len(prompts)} prompts, {total_steps} steps of {batches.samples_per_step} responses, {p.epochs} epochs x "
+        f"{p.num_mini_batches} mini-batches, kl_coef {p.kl_coef}{f' (target {p.kl_target})' if p.kl_target else ''}, "
+        f"reward model {reward_path} -> {start.run.path}"
+    )
+    eval_prompts = [PromptExample(e.where, e.prompt_messages if e.messages is not None else e.prompt, e.answer, {})
+                    for e in answer_examples]
+
+    def evaluate() -> dict[str, float]:
+        texts = greedy_texts(actor, tokenizer, answer_examples, stop_ids, max_new_tokens=cfg.eval.max_new_tokens,
+                             batch_size=cfg.eval.batch_size)
+        scores = score([""] * len(texts), texts, eval_prompts)
+        return {"eval/accuracy": exact_match_rate(texts, answer_examples), "eval/reward": sum(scores) / len(scores)}
+
+    # 4. Train.
+    metrics = MetricsLogger(start.run.path, cfg, total_steps, start_step)
+    window: dict[str, list[float]] = {}  # since the last log line
+    final_metrics: dict[str, Any] = {"steps": total_steps}
+    try:
+        if start_step == 0 and answer_examples:
+            metrics.log(0, evaluate())
+        throughput = Throughput()
+        for step in range(start_step, total_steps):
+            step_prompts = [prompt for micro in batches.micro_batches(step) for prompt in micro]
+            rollouts, stats = _rollout(step_prompts, sampler, score, reward_stats, actor, reference, critic, tokenizer,
+                                       stop_ids, cfg, engine.kl_coef, device, seed=cfg.train.seed * 1_000_003 + step * 997)
+            throughput.add(int(rollouts.batch["attention_mask"].sum()))
+            lr = engine.actor.lr
+            stats.update(_update(rollouts, actor, critic, engine, cfg, seed=cfg.train.seed * 7_919 + step))
+            if p.kl_target:
+                engine.kl_coef = adaptive_kl_coef(engine.kl_coef, stats["kl"], p.kl_target, p.kl_horizon, len(step_prompts))
+            for name, value in stats.items():
+                window.setdefault(name, []).append(value)
+            done = step + 1
+            metrics.advance(done)
+
+            if done % cfg.train.log_every == 0 or done == total_steps:
+                last = {name: sum(values) / len(values) for name, values in window.items()}
+                final_metrics.update({k: last[k] for k in ("reward/mean", "kl", "response_length")})
+                metrics.log(done, last | {"kl_coef": engine.kl_coef, "lr": lr, "tokens_per_s": throughput.read()})
+                window = {}
+            if answer_examples and due(cfg.train.eval_every, done, total_steps):
+                metrics.log(done, evaluate())
+            if due(cfg.train.save_every, done, total_steps):
+                save_checkpoint(cfg, start, done, models, engine)
+
+        # 5. Final evaluation and the actor.
+        if answer_examples:
+            evaluation = evaluate()
+            metrics.log(total_steps, evaluation)
+            final_metrics.update(evaluation)
+    finally:
+        metrics.close()
+    finish(start, actor, tokenizer, final_metrics)
+    return final_metrics
+
+
+def _load_critic(cfg: Any, path: str, tokenizer) -> torch.nn.Module:
+    """The critic reads the actor's tokens, so it must share the actor's tokenizer (the reward model
+    need not: it is given text)."""
+    critic_cfg = dataclasses.replace(cfg.model, path=path)
+    if load_tokenizer(critic_cfg).get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"critic.path: {path} has another tokenizer than the policy ({cfg.model.path}); the critic scores the "
+            "policy's tokens, so start it from a model with the policy's tokenizer (e.g. an rm trained from this sft)"
+        )
+    critic = load_reward_model(critic_cfg, tokenizer, seed=cfg.train.seed)
+    _value_head(critic)
+    return critic
+
+
+def _value_head(model: torch.nn.Module) -> torch.nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise UserError(f"critic: {type(model).__name__} has no linear `score` head to read per-token values from")
+
+
+def token_values(critic: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T) the critic's value at every position: its scalar head on every hidden state, not just the last."""
+    backbone = getattr(critic, critic.base_model_prefix)
+    hidden = backbone(**forward_inputs(batch)).last_hidden_state
+    return _value_head(critic)(hidden).squeeze(-1).float()
+
+
+def _reward_stats(reward_path: str) -> dict[str, float] | None:
+    manifest = RunDir(Path(reward_path).parent).read_manifest() or {}
+    stats = manifest.get("reward_stats")
+    if not stats:
+        log.warning(f"{reward_path}: no reward_stats in a train-rm manifest beside it; scores are not normalised")
+    return stats
+
+
+@torch.no_grad()
+def _rollout(prompts: list[EncodedPrompt], sampler, score, reward_stats, actor, reference, critic, tokenizer,
+             stop_ids: set[int], cfg: Any, kl_coef: float, device: torch.device, seed: int) -> tuple[Rollouts, dict[str, float]]:
+    """Sample a response per prompt, score it, and compute old log-probabilities, values, advantages and returns."""
+    p = cfg.ppo
+    responses = sampler([prompt.ids for prompt in prompts], seed)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    prompt_texts = tokenizer.batch_decode([prompt.ids for prompt in prompts], skip_special_tokens=True)
+    raw = torch.tensor(score(prompt_texts, texts, [prompt.example for prompt in prompts]), dtype=torch.float32)
+    scores = (raw - reward_stats["mean"]) / max(reward_stats["std"], 1e-6) if reward_stats else raw.clone()
+    scores = scores.clamp(-p.reward_clip, p.reward_clip)
+    ended = torch.tensor([bool(r) and r[-1] in stop_ids for r in responses])
+    scores = scores - p.missing_eos_penalty * (~ended).float()
+
+    rows = [TokenizedSample(prompt.ids + response, [False] * len(prompt.ids) + [True] * len(response), prompt.example.where)
+            for prompt, response in zip(prompts, responses)]
+    batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+    width = max(len(r) for r in responses)
+    offsets = torch.arange(width)
+    index = torch.tensor([len(prompt.ids) - 1 for prompt in prompts])[:, None] + offsets
+    mask = (offsets < torch.tensor([len(r) for r in responses])[:, None]).float()
+    index = index.clamp(max=batch["input_ids"].size(1) - 2).to(device)
+    mask = mask.to(device)
+
+    temperature = cfg.rollout.temperature
+    logprobs = token_logprobs(actor(**forward_inputs(batch)).logits / temperature, batch["input_ids"]).gather(1, index)
+    ref_logprobs = token_logprobs(reference(**forward_inputs(batch)).logits / temperature, batch["input_ids"]).gather(1, index)
+    values = token_values(critic, batch).gather(1, index) * mask
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = token_rewards(scores.to(device), kl, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    stats = {
+        "reward/mean": float(raw.mean()), "reward/normalized": float(scores.mean()),
+        "kl": float(kl.sum(-1).mean()), "response_length": float(mask.sum(-1).mean()),
+        "no_eos_fraction": float((~ended).float().mean()), "returns/mean": float(masked_mean(returns, mask)),
+        "value/explained_variance": explained_variance(values, returns, mask),
+    }
+    return Rollouts(batch, index, mask, logprobs, values, advantages, returns), stats
+
+
+def _update(rollouts: Rollouts, actor, critic, engine: ActorCriticEngine, cfg: Any, seed: int) -> dict[str, float]:
+    """`ppo.epochs` passes over shuffled mini-batches; each is one optimizer step of actor and critic.
+    Stops early once the approximate KL to the rollout policy passes ppo.early_stop_kl."""
+    p = cfg.ppo
+    n = rollouts.mask.size(0)
+    size = n // p.num_mini_batches
+    generator = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    updates = 0
+    stopped = False
+    for _ in range(p.epochs):
+        order = torch.randperm(n, generator=generator).to(rollouts.mask.device)
+        for start in range(0, n, size):
+            mini = rollouts.rows(order[start : start + size])
+            logits = actor(**forward_inputs(mini.batch)).logits / cfg.rollout.temperature
+            logprobs = token_logprobs(logits, mini.batch["input_ids"]).gather(1, mini.index)
+            policy_loss, clipped = clipped_surrogate(logprobs, mini.old_logprobs, mini.advantages, p.clip_range, p.clip_range)
+            policy_loss = masked_mean(policy_loss, mini.mask)
+            entropy = masked_mean(entropy_from_logits(logits[:, :-1].float()).gather(1, mini.index), mini.mask)
+            engine.actor.backward(policy_loss - p.entropy_coef * entropy)
+            values = token_values(critic, mini.batch).gather(1, mini.index)
+            value_loss = masked_mean(clipped_value_loss(values, mini.old_values, mini.returns, p.value_clip), mini.mask)
+            engine.critic.backward(p.value_coef * value_loss)
+            engine.actor.step()
+            engine.critic.step()
+            approx_kl = float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask))
+            for name, value in (("loss/policy", policy_loss.item()), ("loss/value", value_loss.item()), ("entropy", entropy.item()),
+                                ("clipfrac", float(masked_mean(clipped.float(), mini.mask))), ("approx_kl", approx_kl)):
+                sums[name] = sums.get(name, 0.0) + value
+            updates += 1
+            if p.early_stop_kl is not None and approx_kl > p.early_stop_kl:
+                stopped = True
+                break
+        if stopped:
+            break
+    return {name: total / updates for name, total in sums.items()} | {"updates": float(updates)}

@@ -1,0 +1,127 @@
+"""`rlhf ppo` end to end on the built-in tiny model."""
+
+import json
+
+import pytest
+
+from tests.conftest import read_jsonl, write_jsonl
+
+PPO_QUICK = ["train.max_steps=2", "train.batch_size=4", "train.log_every=1", "rollout.max_new_tokens=4", "eval.generate=0",
+             "ppo.epochs=2", "ppo.num_mini_batches=2"]
+SPEC_METRICS = {"reward/mean", "kl", "loss/policy", "loss/value", "clipfrac", "entropy", "response_length",
+                "value/explained_variance", "kl_coef", "approx_kl", "returns/mean"}
+PROMPTS = [{"prompt": f"Q: {i}+1=", "answer": str(i + 1)} for i in range(8)]
+
+
+@pytest.fixture
+def reward_model_dir(tmp_path):
+    """A tiny reward model saved like a train-rm final/, with the tiny tokenizer (or one with an extra token)."""
+    from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models import load_reward_model, load_tokenizer
+
+    def save(name: str, extra_token: bool = False):
+        tokenizer = load_tokenizer(ModelConfig(path="tiny"))
+        if extra_token:
+            tokenizer.add_tokens(["<extra>"])
+        model = load_reward_model(ModelConfig(path="tiny"), tokenizer, seed=1)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    return save
+
+
+def test_chains_from_sft_and_train_rm_and_logs_the_spec_metrics(rlhf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    missing = rlhf("ppo", "train.max_steps=1")
+    assert missing.exit_code == 2 and "run `rlhf sft` first" in missing.output
+    assert rlhf("sft", "train.max_steps=1", "train.batch_size=4", "eval.generate=0", "eval.max_samples=4").exit_code == 0
+    no_rm = rlhf("ppo", "train.max_steps=1")
+    assert no_rm.exit_code == 2 and "reward.path is null" in no_rm.output and "run `rlhf train-rm` first" in no_rm.output
+    assert rlhf("train-rm", "train.max_steps=1", "train.batch_size=4", "eval.max_samples=4").exit_code == 0
+
+    result = rlhf("ppo", *PPO_QUICK, "eval.generate=8", "eval.max_new_tokens=4")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs/default/ppo"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    stages = {name: parent.get("stage") for name, parent in manifest["parents"].items()}
+    assert stages == {"model": "sft", "reference": "sft", "reward": "train-rm", "critic": "train-rm"}
+    logged = read_jsonl(run / "metrics.jsonl")
+    assert SPEC_METRICS <= set(next(m for m in logged if m["step"] == 2 and "loss/policy" in m))
+    assert {"eval/accuracy", "eval/reward"} <= set(logged[0]) and logged[0]["step"] == 0
+    AutoModelForCausalLM.from_pretrained(run / "final")
+
+
+def test_resumed_from_a_checkpoint_it_ends_with_the_weights_of_an_uninterrupted_run(rlhf, tmp_path, reward_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    rm = reward_model_dir("rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "train.max_steps=4",
+            "train.save_every=2", "ppo.kl_target=0.01", "ppo.kl_horizon=10", "ppo.normalize_reward=false"]
+    assert rlhf(*args, "output_dir=straight").exit_code == 0
+    resumed = rlhf(*args, "output_dir=resumed", f"resume={tmp_path / 'straight/checkpoints/step-2'}")
+    assert resumed.exit_code == 0, resumed.output
+    straight = load_file(tmp_path / "straight/final/model.safetensors")
+    again = load_file(tmp_path / "resumed/final/model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(again[name], straight[name], atol=1e-6, rtol=0)
+    # The adaptive controller's coefficient is part of the resumed state.
+    coefs = [m["kl_coef"] for m in read_jsonl(tmp_path / "straight/metrics.jsonl") if "kl_coef" in m]
+    assert coefs[-1] != 0.05
+    assert [m["kl_coef"] for m in read_jsonl(tmp_path / "resumed/metrics.jsonl") if "kl_coef" in m] == coefs[2:]
+
+
+def test_early_stop_on_approximate_kl_cuts_the_updates(rlhf, tmp_path, reward_model_dir):
+    rm = reward_model_dir("rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "ppo.epochs=4", "train.lr=0.01"]
+    assert rlhf(*args, "output_dir=full").exit_code == 0
+    assert rlhf(*args, "output_dir=stopped", "ppo.early_stop_kl=1e-9").exit_code == 0
+    assert {m["updates"] for m in read_jsonl(tmp_path / "full/metrics.jsonl")} == {8}
+    # The first mini-batch meets the rollout policy itself (KL 0); the second sees the first update and stops.
+    assert {m["updates"] for m in read_jsonl(tmp_path / "stopped/metrics.jsonl")} == {2}
+
+
+def test_a_reward_model_with_another_tokenizer_scores_text_but_cannot_be_the_critic(rlhf, tmp_path, reward_model_dir):
+    other = reward_model_dir("other_rm", extra_token=True)
+    same = reward_model_dir("critic")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    args = ["ppo", "model.path=tiny", f"reward.path={other}", f"data.train={data}", *PPO_QUICK]
+    refused = rlhf(*args)
+    assert refused.exit_code == 2
+    assert f"critic.path: {other} has another tokenizer than the policy" in refused.output
+    result = rlhf(*args, f"critic.path={same}")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["ppo.num_mini_batches=3"], "ppo.num_mini_batches: 3 must divide the 4 responses of a step"),
+        (["ppo.gamma=0"], "ppo.gamma: 0.0 must be in (0, 1]"),
+        (["ppo.kl_target=0"], "ppo.kl_target: 0.0 must be positive"),
+        (["ppo.clip_range=1.5"], "ppo.clip_range: 1.5 must be in (0, 1)"),
+        (["rollout.temperature=0"], "rollout.temperature: 0.0 must be positive"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(rlhf, tmp_path, reward_model_dir, args, expected):
+    rm = reward_model_dir("rm")
+    result = rlhf("ppo", "model.path=tiny", f"reward.path={rm}", *PPO_QUICK, *args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+
+
+def test_responses_that_never_end_are_penalised(rlhf, tmp_path, reward_model_dir):
+    rm = reward_model_dir("rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    result = rlhf("ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "rollout.max_new_tokens=1",
+                  "ppo.normalize_reward=false", "ppo.reward_clip=100", "ppo.missing_eos_penalty=3")
+    assert result.exit_code == 0, result.output
+    for m in read_jsonl(tmp_path / "runs/default/ppo/metrics.jsonl"):
+        assert m["no_eos_fraction"] > 0.5  # one token, almost never EOS from an untrained model
+        assert m["reward/normalized"] == pytest.approx(m["reward/mean"] - 3 * m["no_eos_fraction"], abs=1e-5)
