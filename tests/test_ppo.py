@@ -125,3 +125,20 @@ def test_responses_that_never_end_are_penalised(rlhf, tmp_path, reward_model_dir
     for m in read_jsonl(tmp_path / "runs/default/ppo/metrics.jsonl"):
         assert m["no_eos_fraction"] > 0.5  # one token, almost never EOS from an untrained model
         assert m["reward/normalized"] == pytest.approx(m["reward/mean"] - 3 * m["no_eos_fraction"], abs=1e-5)
+
+
+def test_critic_warmup_leaves_the_actor_alone(rlhf, tmp_path, reward_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    rm = reward_model_dir("rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "train.save_every=1"]
+    assert rlhf(*args, "ppo.critic_warmup_steps=2", "output_dir=warm").exit_code == 0
+    first = load_file(tmp_path / "warm/checkpoints/step-1/model.safetensors")
+    last = load_file(tmp_path / "warm/final/model.safetensors")
+    actor = [name for name in first if name.startswith("actor.") and name[len("actor."):] in last]
+    critic = [name for name in first if name.startswith("critic.")]
+    assert actor and all(torch.equal(first[name], last[name[len("actor."):]]) for name in actor)
+    steps = {m["step"]: m for m in read_jsonl(tmp_path / "warm/metrics.jsonl")}
+    assert steps[1]["loss/value"] != steps[2]["loss/value"] and critic

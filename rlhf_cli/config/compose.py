@@ -238,6 +238,7 @@ def validate(cfg: Any) -> None:
             ("ppo.early_stop_kl", p.early_stop_kl is None or p.early_stop_kl > 0, "must be positive (or null)"),
             ("ppo.reward_clip", p.reward_clip > 0, "must be positive"),
             ("critic.lr", cfg.critic.lr > 0, "must be positive"),
+            ("ppo.critic_warmup_steps", p.critic_warmup_steps >= 0, "must be non-negative"),
         ]
     if hasattr(cfg, "grpo"):
         g = cfg.grpo

@@ -170,7 +170,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                                        stop_ids, cfg, engine.kl_coef, device, seed=cfg.train.seed * 1_000_003 + step * 997)
             throughput.add(int(rollouts.batch["attention_mask"].sum()))
             lr = engine.actor.lr
-            stats.update(_update(rollouts, actor, critic, engine, cfg, seed=cfg.train.seed * 7_919 + step))
+            train_actor = step >= p.critic_warmup_steps
+            stats.update(_update(rollouts, actor, critic, engine, cfg, train_actor, seed=cfg.train.seed * 7_919 + step))
             if p.kl_target:
                 engine.kl_coef = adaptive_kl_coef(engine.kl_coef, stats["kl"], p.kl_target, p.kl_horizon, len(step_prompts))
             for name, value in stats.items():
@@ -278,9 +279,10 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, reward_stats, actor, 
     return Rollouts(batch, index, mask, logprobs, values, advantages, returns), stats
 
 
-def _update(rollouts: Rollouts, actor, critic, engine: ActorCriticEngine, cfg: Any, seed: int) -> dict[str, float]:
-    """`ppo.epochs` passes over shuffled mini-batches; each is one optimizer step of actor and critic.
-    Stops early once the approximate KL to the rollout policy passes ppo.early_stop_kl."""
+def _update(rollouts: Rollouts, actor, critic, engine: ActorCriticEngine, cfg: Any, train_actor: bool, seed: int) -> dict[str, float]:
+    """`ppo.epochs` passes over shuffled mini-batches; each is one optimizer step of actor and critic
+    (of the critic alone while it warms up). Stops early once the approximate KL to the rollout policy
+    passes ppo.early_stop_kl."""
     p = cfg.ppo
     n = rollouts.mask.size(0)
     size = n // p.num_mini_batches
@@ -297,11 +299,13 @@ def _update(rollouts: Rollouts, actor, critic, engine: ActorCriticEngine, cfg: A
             policy_loss, clipped = clipped_surrogate(logprobs, mini.old_logprobs, mini.advantages, p.clip_range, p.clip_range)
             policy_loss = masked_mean(policy_loss, mini.mask)
             entropy = masked_mean(entropy_from_logits(logits[:, :-1].float()).gather(1, mini.index), mini.mask)
-            engine.actor.backward(policy_loss - p.entropy_coef * entropy)
+            if train_actor:
+                engine.actor.backward(policy_loss - p.entropy_coef * entropy)
             values = token_values(critic, mini.batch).gather(1, mini.index)
             value_loss = masked_mean(clipped_value_loss(values, mini.old_values, mini.returns, p.value_clip), mini.mask)
             engine.critic.backward(p.value_coef * value_loss)
-            engine.actor.step()
+            if train_actor:
+                engine.actor.step()
             engine.critic.step()
             approx_kl = float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask))
             for name, value in (("loss/policy", policy_loss.item()), ("loss/value", value_loss.item()), ("entropy", entropy.item()),
