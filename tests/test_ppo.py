@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import read_jsonl, write_jsonl
 
 PPO_QUICK = ["train.max_steps=2", "train.batch_size=4", "train.log_every=1", "rollout.max_new_tokens=4", "eval.generate=0",
-             "ppo.epochs=2", "ppo.num_mini_batches=2"]
+             "ppo.epochs=2", "ppo.num_mini_batches=2", "ppo.critic_warmup_steps=0"]
 SPEC_METRICS = {"reward/mean", "kl", "loss/policy", "loss/value", "clipfrac", "entropy", "response_length",
                 "value/explained_variance", "kl_coef", "approx_kl", "returns/mean"}
 PROMPTS = [{"prompt": f"Q: {i}+1=", "answer": str(i + 1)} for i in range(8)]

@@ -68,8 +68,8 @@ def arith_rows(split: str) -> list[dict[str, str]]:
 def _wrong_answer(rng: random.Random, a: int, op: str, b: int) -> int:
     """Half the time the result of another operation, else a random number of as many digits.
 
-    Near misses (off by 1-3) are left out: measured here, a 1M-parameter reward model trained for
-    minutes ranks them barely above chance (0.53), against 0.93-0.99 for these two kinds.
+    These are easy to rank (0.95 after 600 reward-model steps); near misses (`arith_prefs_near`)
+    are the SFT model's own kind of mistake, and take a reward model 2,000 steps to reach 0.90.
     """
     right = _solve(a, op, b)
     while True:
