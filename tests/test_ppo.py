@@ -54,13 +54,14 @@ def test_chains_from_sft_and_train_rm_and_logs_the_spec_metrics(rlhf, tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "final")
 
 
-def test_resumed_from_a_checkpoint_it_ends_with_the_weights_of_an_uninterrupted_run(rlhf, tmp_path, reward_model_dir):
+@pytest.mark.parametrize("kind", ["separate", "head"])
+def test_resumed_from_a_checkpoint_it_ends_with_the_weights_of_an_uninterrupted_run(rlhf, tmp_path, reward_model_dir, kind):
     import torch
     from safetensors.torch import load_file
 
     rm = reward_model_dir("rm")
     data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
-    args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "train.max_steps=4",
+    args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "train.max_steps=4", f"critic.kind={kind}",
             "train.save_every=2", "ppo.kl_target=0.01", "ppo.kl_horizon=10", "ppo.normalize_reward=false"]
     assert rlhf(*args, "output_dir=straight").exit_code == 0
     resumed = rlhf(*args, "output_dir=resumed", f"resume={tmp_path / 'straight/checkpoints/step-2'}")
@@ -127,18 +128,37 @@ def test_responses_that_never_end_are_penalised(rlhf, tmp_path, reward_model_dir
         assert m["reward/normalized"] == pytest.approx(m["reward/mean"] - 3 * m["no_eos_fraction"], abs=1e-5)
 
 
-def test_critic_warmup_leaves_the_actor_alone(rlhf, tmp_path, reward_model_dir):
+@pytest.mark.parametrize("kind", ["separate", "head"])
+def test_critic_warmup_leaves_the_actor_alone(rlhf, tmp_path, reward_model_dir, kind):
     import torch
     from safetensors.torch import load_file
 
     rm = reward_model_dir("rm")
     data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
-    args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "train.save_every=1"]
+    args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "train.save_every=1", f"critic.kind={kind}"]
     assert rlhf(*args, "ppo.critic_warmup_steps=2", "output_dir=warm").exit_code == 0
     first = load_file(tmp_path / "warm/checkpoints/step-1/model.safetensors")
     last = load_file(tmp_path / "warm/final/model.safetensors")
     actor = [name for name in first if name.startswith("actor.") and name[len("actor."):] in last]
-    critic = [name for name in first if name.startswith("critic.")]
     assert actor and all(torch.equal(first[name], last[name[len("actor."):]]) for name in actor)
     steps = {m["step"]: m for m in read_jsonl(tmp_path / "warm/metrics.jsonl")}
-    assert steps[1]["loss/value"] != steps[2]["loss/value"] and critic
+    assert steps[1]["loss/value"] != steps[2]["loss/value"]
+
+
+def test_a_value_head_on_the_actor_instead_of_a_critic_model(rlhf, tmp_path, reward_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    rm = reward_model_dir("rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    result = rlhf("ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "critic.kind=head",
+                  "train.save_every=1")
+    assert result.exit_code == 0, result.output
+    assert "value head" in result.output
+    run = tmp_path / "runs/default/ppo"
+    assert "critic" not in json.loads((run / "manifest.json").read_text())["parents"]
+    saved = load_file(run / "checkpoints/step-1/model.safetensors")
+    assert {"value_head.weight", "value_head.bias"} <= set(saved)
+    assert not any(name.startswith("critic.") for name in saved)
+    assert SPEC_METRICS <= set(read_jsonl(run / "metrics.jsonl")[-1])
+    AutoModelForCausalLM.from_pretrained(run / "final")  # the actor alone

@@ -81,6 +81,11 @@ class RolloutEngine(str, Enum):
     hf = "hf"
 
 
+class CriticKind(str, Enum):
+    separate = "separate"
+    head = "head"
+
+
 class Logger(str, Enum):
     jsonl = "jsonl"
     wandb = "wandb"
@@ -278,8 +283,12 @@ class RewardKeys:
 
 @dataclass
 class CriticKeys:
-    path: Optional[str] = _key(None, "the critic's start (a sequence-classification model); null: the reward model")
-    lr: float = _key(1e-4, "the critic's learning rate (its schedule follows train.lr_scheduler)")
+    kind: CriticKind = _key(
+        CriticKind.separate,
+        "separate (a model of its own, from critic.path) or head (a linear value head on the actor: no second model, trained at train.lr)",
+    )
+    path: Optional[str] = _key(None, "the separate critic's start (a sequence-classification model); null: the reward model")
+    lr: float = _key(1e-4, "the separate critic's learning rate (its schedule follows train.lr_scheduler)")
 
 
 @dataclass

@@ -64,27 +64,44 @@ log = logging.getLogger("rlhf")
 
 
 class ActorCritic(torch.nn.Module):
-    """The two trained models under one module, so that a checkpoint holds both."""
+    """The trained models under one module, so that a checkpoint holds them all: the actor and either a
+    separate critic model or a linear value head on the actor's last hidden state."""
 
-    def __init__(self, actor: torch.nn.Module, critic: torch.nn.Module):
+    def __init__(self, actor: torch.nn.Module, critic: torch.nn.Module | None = None):
         super().__init__()
         self.actor = actor
         self.critic = critic
+        self.value_head = None
+        if critic is None:
+            self.value_head = torch.nn.Linear(actor.config.hidden_size, 1)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+
+    def logits_and_values(self, batch: dict[str, torch.Tensor], train_actor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, V) actor logits and (B, T) values. With a value head and `train_actor` off, the
+        value loss reaches the head only."""
+        if self.critic is not None:
+            return self.actor(**forward_inputs(batch)).logits, token_values(self.critic, batch)
+        output = self.actor(**forward_inputs(batch), output_hidden_states=True)
+        hidden = output.hidden_states[-1]
+        return output.logits, self.value_head(hidden if train_actor else hidden.detach()).squeeze(-1).float()
 
 
 class ActorCriticEngine:
-    """The actor's and the critic's optimizers, and the KL coefficient the adaptive controller moves:
-    the training state a checkpoint must restore beyond the weights."""
+    """The optimizers (the actor's, and a separate critic's) and the KL coefficient the adaptive
+    controller moves: the training state a checkpoint must restore beyond the weights."""
 
-    def __init__(self, actor: TorchEngine, critic: TorchEngine, kl_coef: float):
+    def __init__(self, actor: TorchEngine, critic: TorchEngine | None, kl_coef: float):
         self.actor, self.critic, self.kl_coef = actor, critic, kl_coef
 
     def state_dict(self) -> dict[str, Any]:
-        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "kl_coef": self.kl_coef}
+        state = {"actor": self.actor.state_dict(), "kl_coef": self.kl_coef}
+        return state | ({"critic": self.critic.state_dict()} if self.critic is not None else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.actor.load_state_dict(state["actor"])
-        self.critic.load_state_dict(state["critic"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
         self.kl_coef = state["kl_coef"]
 
 
@@ -112,14 +129,15 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     if cfg.model.path is None:
         cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
     reward_path = cfg.reward.path or chained_final(cfg.from_run, "train-rm", "reward.path")
-    critic_path = cfg.critic.path or reward_path
+    separate_critic = cfg.critic.kind.value == "separate"
+    critic_path = (cfg.critic.path or reward_path) if separate_critic else None
     reference_path = cfg.ref.path or cfg.model.path
     device = default_device()
     tokenizer = load_tokenizer(cfg.model)
     actor = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(device)
     reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
     reference.to(device).eval().requires_grad_(False)
-    critic = _load_critic(cfg, critic_path, tokenizer).to(device)
+    models = ActorCritic(actor, _load_critic(cfg, critic_path, tokenizer) if separate_critic else None).to(device)
     score = reward_model(cfg.model, reward_path, device)
     reward_stats = _reward_stats(reward_path) if p.normalize_reward else None
     stop_ids = stop_token_ids(tokenizer, actor.generation_config)
@@ -135,14 +153,19 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     # 3. Engines (one optimizer step per mini-batch and epoch) and the state to resume from.
     updates = total_steps * p.epochs * p.num_mini_batches
     dtype = resolve_dtype(cfg.model.dtype.value)
-    engine = ActorCriticEngine(TorchEngine(actor, cfg.train, updates, dtype),
-                               TorchEngine(critic, dataclasses.replace(cfg.train, lr=cfg.critic.lr), updates, dtype), p.kl_coef)
-    models = ActorCritic(actor, critic)
+    if separate_critic:
+        engine = ActorCriticEngine(TorchEngine(actor, cfg.train, updates, dtype),
+                                   TorchEngine(models.critic, dataclasses.replace(cfg.train, lr=cfg.critic.lr), updates, dtype), p.kl_coef)
+    else:
+        engine = ActorCriticEngine(TorchEngine(models, cfg.train, updates, dtype), None, p.kl_coef)
     parents = {"model": describe_model_source(cfg.model.path), "reference": describe_model_source(reference_path),
-               "reward": describe_model_source(reward_path), "critic": describe_model_source(critic_path)}
+               "reward": describe_model_source(reward_path)}
+    if separate_critic:
+        parents["critic"] = describe_model_source(critic_path)
     start_step = begin_training(cfg, start, models, engine, parents, overrides)
+    critic_size = f"critic {count_parameters(models.critic) / 1e6:.2f}M" if separate_critic else "value head"
     log.info(
-        f"ppo: actor {count_parameters(actor) / 1e6:.2f}M, critic {count_parameters(critic) / 1e6:.2f}M parameters, "
+        f"ppo: actor {count_parameters(actor) / 1e6:.2f}M parameters, {critic_size}, "
         f"{len(prompts)} prompts, {total_steps} steps of {batches.samples_per_step} responses, {p.epochs} epochs x "
         f"{p.num_mini_batches} mini-batches, kl_coef {p.kl_coef}{f' (target {p.kl_target})' if p.kl_target else ''}, "
         f"reward model {reward_path} -> {start.run.path}"
@@ -166,12 +189,12 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         throughput = Throughput()
         for step in range(start_step, total_steps):
             step_prompts = [prompt for micro in batches.micro_batches(step) for prompt in micro]
-            rollouts, stats = _rollout(step_prompts, sampler, score, reward_stats, actor, reference, critic, tokenizer,
+            rollouts, stats = _rollout(step_prompts, sampler, score, reward_stats, models, reference, tokenizer,
                                        stop_ids, cfg, engine.kl_coef, device, seed=cfg.train.seed * 1_000_003 + step * 997)
             throughput.add(int(rollouts.batch["attention_mask"].sum()))
             lr = engine.actor.lr
             train_actor = step >= p.critic_warmup_steps
-            stats.update(_update(rollouts, actor, critic, engine, cfg, train_actor, seed=cfg.train.seed * 7_919 + step))
+            stats.update(_update(rollouts, models, engine, cfg, train_actor, seed=cfg.train.seed * 7_919 + step))
             if p.kl_target:
                 engine.kl_coef = adaptive_kl_coef(engine.kl_coef, stats["kl"], p.kl_target, p.kl_horizon, len(step_prompts))
             for name, value in stats.items():
@@ -238,7 +261,7 @@ def _reward_stats(reward_path: str) -> dict[str, float] | None:
 
 
 @torch.no_grad()
-def _rollout(prompts: list[EncodedPrompt], sampler, score, reward_stats, actor, reference, critic, tokenizer,
+def _rollout(prompts: list[EncodedPrompt], sampler, score, reward_stats, models: ActorCritic, reference, tokenizer,
              stop_ids: set[int], cfg: Any, kl_coef: float, device: torch.device, seed: int) -> tuple[Rollouts, dict[str, float]]:
     """Sample a response per prompt, score it, and compute old log-probabilities, values, advantages and returns."""
     p = cfg.ppo
@@ -262,9 +285,10 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, reward_stats, actor, 
     mask = mask.to(device)
 
     temperature = cfg.rollout.temperature
-    logprobs = token_logprobs(actor(**forward_inputs(batch)).logits / temperature, batch["input_ids"]).gather(1, index)
+    logits, values = models.logits_and_values(batch)
+    logprobs = token_logprobs(logits / temperature, batch["input_ids"]).gather(1, index)
     ref_logprobs = token_logprobs(reference(**forward_inputs(batch)).logits / temperature, batch["input_ids"]).gather(1, index)
-    values = token_values(critic, batch).gather(1, index) * mask
+    values = values.gather(1, index) * mask
     kl = (logprobs - ref_logprobs) * mask
     rewards = token_rewards(scores.to(device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
@@ -279,7 +303,7 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, reward_stats, actor, 
     return Rollouts(batch, index, mask, logprobs, values, advantages, returns), stats
 
 
-def _update(rollouts: Rollouts, actor, critic, engine: ActorCriticEngine, cfg: Any, train_actor: bool, seed: int) -> dict[str, float]:
+def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, cfg: Any, train_actor: bool, seed: int) -> dict[str, float]:
     """`ppo.epochs` passes over shuffled mini-batches; each is one optimizer step of actor and critic
     (of the critic alone while it warms up). Stops early once the approximate KL to the rollout policy
     passes ppo.early_stop_kl."""
@@ -294,19 +318,25 @@ def _update(rollouts: Rollouts, actor, critic, engine: ActorCriticEngine, cfg: A
         order = torch.randperm(n, generator=generator).to(rollouts.mask.device)
         for start in range(0, n, size):
             mini = rollouts.rows(order[start : start + size])
-            logits = actor(**forward_inputs(mini.batch)).logits / cfg.rollout.temperature
+            with engine.actor.autocast():
+                logits, values = models.logits_and_values(mini.batch, train_actor)
+            logits = logits.float() / cfg.rollout.temperature
             logprobs = token_logprobs(logits, mini.batch["input_ids"]).gather(1, mini.index)
             policy_loss, clipped = clipped_surrogate(logprobs, mini.old_logprobs, mini.advantages, p.clip_range, p.clip_range)
             policy_loss = masked_mean(policy_loss, mini.mask)
             entropy = masked_mean(entropy_from_logits(logits[:, :-1].float()).gather(1, mini.index), mini.mask)
-            if train_actor:
-                engine.actor.backward(policy_loss - p.entropy_coef * entropy)
-            values = token_values(critic, mini.batch).gather(1, mini.index)
-            value_loss = masked_mean(clipped_value_loss(values, mini.old_values, mini.returns, p.value_clip), mini.mask)
-            engine.critic.backward(p.value_coef * value_loss)
-            if train_actor:
+            value_loss = masked_mean(clipped_value_loss(values.gather(1, mini.index), mini.old_values, mini.returns, p.value_clip), mini.mask)
+            actor_loss = policy_loss - p.entropy_coef * entropy
+            if engine.critic is None:  # one model: a single loss and step (the value head alone while it warms up)
+                engine.actor.backward((actor_loss if train_actor else 0.0) + p.value_coef * value_loss)
                 engine.actor.step()
-            engine.critic.step()
+            else:
+                if train_actor:
+                    engine.actor.backward(actor_loss)
+                engine.critic.backward(p.value_coef * value_loss)
+                if train_actor:
+                    engine.actor.step()
+                engine.critic.step()
             approx_kl = float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask))
             for name, value in (("loss/policy", policy_loss.item()), ("loss/value", value_loss.item()), ("entropy", entropy.item()),
                                 ("clipfrac", float(masked_mean(clipped.float(), mini.mask))), ("approx_kl", approx_kl)):
