@@ -62,7 +62,7 @@ def test_resumed_from_a_checkpoint_it_ends_with_the_weights_of_an_uninterrupted_
     rm = reward_model_dir("rm")
     data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "train.max_steps=4", f"critic.kind={kind}",
-            "train.save_every=2", "ppo.kl_target=0.01", "ppo.kl_horizon=10", "ppo.normalize_reward=false"]
+            "train.save_every=2", "ppo.kl_target=0.01", "ppo.kl_horizon=10"]  # running reward moments: no RM manifest
     assert rlhf(*args, "output_dir=straight").exit_code == 0
     resumed = rlhf(*args, "output_dir=resumed", f"resume={tmp_path / 'straight/checkpoints/step-2'}")
     assert resumed.exit_code == 0, resumed.output
@@ -162,3 +162,14 @@ def test_a_value_head_on_the_actor_instead_of_a_critic_model(rlhf, tmp_path, rew
     assert not any(name.startswith("critic.") for name in saved)
     assert SPEC_METRICS <= set(read_jsonl(run / "metrics.jsonl")[-1])
     AutoModelForCausalLM.from_pretrained(run / "final")  # the actor alone
+
+
+def test_without_reward_model_statistics_scores_are_normalised_with_running_ones(rlhf, tmp_path, reward_model_dir):
+    rm = reward_model_dir("rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    result = rlhf("ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "ppo.missing_eos_penalty=0")
+    assert result.exit_code == 0, result.output
+    assert "normalised with running statistics" in result.output
+    first, second = read_jsonl(tmp_path / "runs/default/ppo/metrics.jsonl")[:2]
+    assert first["reward/normalized"] == pytest.approx(0.0, abs=1e-5)  # the first batch is its own statistics
+    assert second["reward/normalized"] != pytest.approx(0.0, abs=1e-5)

@@ -145,3 +145,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     residual = returns - values
     residual_variance = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
     return float(1 - residual_variance / variance) if variance > 0 else 0.0
+
+
+def update_moments(count: int, mean: float, m2: float, values: torch.Tensor) -> tuple[int, float, float]:
+    """Running count, mean and sum of squared deviations after a batch of values (Chan et al.'s
+    parallel update); the running std is sqrt(m2 / (count - 1))."""
+    n = values.numel()
+    batch_mean = float(values.mean())
+    batch_m2 = float(((values - batch_mean) ** 2).sum())
+    total = count + n
+    delta = batch_mean - mean
+    return total, mean + delta * n / total, m2 + batch_m2 + delta**2 * count * n / total

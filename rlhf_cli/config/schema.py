@@ -306,7 +306,7 @@ class PPOKeys:
     entropy_coef: float = _key(0.0, "weight of the entropy bonus")
     early_stop_kl: Optional[float] = _key(None, "stop a batch's remaining updates once the approximate KL to the rollout policy passes this")
     missing_eos_penalty: float = _key(1.0, "subtracted from the (normalised) score of a response that ends without EOS")
-    normalize_reward: bool = _key(True, "normalise scores with the reward model's mean and std from its train-rm manifest")
+    normalize_reward: bool = _key(True, "normalise scores with the reward model's mean and std from its train-rm manifest (running ones without it)")
     reward_clip: float = _key(5.0, "normalised scores clipped to +- reward_clip")
     whiten_advantages: bool = _key(True, "whiten advantages over the batch's response tokens")
     critic_warmup_steps: int = _key(0, "steps at the start that train only the critic (its values start from reward-model scores)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from rlhf_cli.algos.policy import (
     masked_mean,
     masked_whiten,
     token_rewards,
+    update_moments,
 )
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.formats import PromptExample
@@ -88,14 +90,15 @@ class ActorCritic(torch.nn.Module):
 
 
 class ActorCriticEngine:
-    """The optimizers (the actor's, and a separate critic's) and the KL coefficient the adaptive
-    controller moves: the training state a checkpoint must restore beyond the weights."""
+    """The optimizers (the actor's, and a separate critic's), the KL coefficient the adaptive controller
+    moves and the running reward moments: the training state a checkpoint must restore beyond the weights."""
 
     def __init__(self, actor: TorchEngine, critic: TorchEngine | None, kl_coef: float):
         self.actor, self.critic, self.kl_coef = actor, critic, kl_coef
+        self.reward_moments: tuple[int, float, float] = (0, 0.0, 0.0)  # count, mean, m2 of raw scores
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"actor": self.actor.state_dict(), "kl_coef": self.kl_coef}
+        state = {"actor": self.actor.state_dict(), "kl_coef": self.kl_coef, "reward_moments": list(self.reward_moments)}
         return state | ({"critic": self.critic.state_dict()} if self.critic is not None else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -103,6 +106,8 @@ class ActorCriticEngine:
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
         self.kl_coef = state["kl_coef"]
+        count, mean, m2 = state["reward_moments"]
+        self.reward_moments = (int(count), float(mean), float(m2))
 
 
 @dataclasses.dataclass
@@ -139,7 +144,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     reference.to(device).eval().requires_grad_(False)
     models = ActorCritic(actor, _load_critic(cfg, critic_path, tokenizer) if separate_critic else None).to(device)
     score = reward_model(cfg.model, reward_path, device)
-    reward_stats = _reward_stats(reward_path) if p.normalize_reward else None
+    manifest_stats = _reward_stats(reward_path) if p.normalize_reward else None
     stop_ids = stop_token_ids(tokenizer, actor.generation_config)
     sampler = make_sampler(cfg.rollout, actor, tokenizer.pad_token_id, stop_ids)
 
@@ -170,6 +175,18 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         f"{p.num_mini_batches} mini-batches, kl_coef {p.kl_coef}{f' (target {p.kl_target})' if p.kl_target else ''}, "
         f"reward model {reward_path} -> {start.run.path}"
     )
+    def normalise(raw: torch.Tensor) -> torch.Tensor:
+        """Scores over the reward model's manifest statistics, or over running ones when it has none."""
+        if not p.normalize_reward:
+            return raw
+        if manifest_stats:
+            mean, std = manifest_stats["mean"], manifest_stats["std"]
+        else:
+            engine.reward_moments = update_moments(*engine.reward_moments, raw)
+            count, mean, m2 = engine.reward_moments
+            std = math.sqrt(m2 / (count - 1)) if count > 1 else 1.0
+        return (raw - mean) / max(std, 1e-6)
+
     eval_prompts = [PromptExample(e.where, e.prompt_messages if e.messages is not None else e.prompt, e.answer, {})
                     for e in answer_examples]
 
@@ -189,7 +206,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         throughput = Throughput()
         for step in range(start_step, total_steps):
             step_prompts = [prompt for micro in batches.micro_batches(step) for prompt in micro]
-            rollouts, stats = _rollout(step_prompts, sampler, score, reward_stats, models, reference, tokenizer,
+            rollouts, stats = _rollout(step_prompts, sampler, score, normalise, models, reference, tokenizer,
                                        stop_ids, cfg, engine.kl_coef, device, seed=cfg.train.seed * 1_000_003 + step * 997)
             throughput.add(int(rollouts.batch["attention_mask"].sum()))
             lr = engine.actor.lr
@@ -256,12 +273,12 @@ def _reward_stats(reward_path: str) -> dict[str, float] | None:
     manifest = RunDir(Path(reward_path).parent).read_manifest() or {}
     stats = manifest.get("reward_stats")
     if not stats:
-        log.warning(f"{reward_path}: no reward_stats in a train-rm manifest beside it; scores are not normalised")
+        log.warning(f"{reward_path}: no reward_stats in a train-rm manifest beside it; scores are normalised with running statistics")
     return stats
 
 
 @torch.no_grad()
-def _rollout(prompts: list[EncodedPrompt], sampler, score, reward_stats, models: ActorCritic, reference, tokenizer,
+def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: ActorCritic, reference, tokenizer,
              stop_ids: set[int], cfg: Any, kl_coef: float, device: torch.device, seed: int) -> tuple[Rollouts, dict[str, float]]:
     """Sample a response per prompt, score it, and compute old log-probabilities, values, advantages and returns."""
     p = cfg.ppo
@@ -269,8 +286,7 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, reward_stats, models:
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     prompt_texts = tokenizer.batch_decode([prompt.ids for prompt in prompts], skip_special_tokens=True)
     raw = torch.tensor(score(prompt_texts, texts, [prompt.example for prompt in prompts]), dtype=torch.float32)
-    scores = (raw - reward_stats["mean"]) / max(reward_stats["std"], 1e-6) if reward_stats else raw.clone()
-    scores = scores.clamp(-p.reward_clip, p.reward_clip)
+    scores = normalise(raw).clamp(-p.reward_clip, p.reward_clip)
     ended = torch.tensor([bool(r) and r[-1] in stop_ids for r in responses])
     scores = scores - p.missing_eos_penalty * (~ended).float()
 

@@ -22,6 +22,7 @@ from rlhf_cli.algos.policy import (
     masked_whiten,
     rloo_advantages,
     token_rewards,
+    update_moments,
 )
 
 # Two groups of G=3: rewards (1, 0, 0) and (1, 1, 1).
@@ -172,3 +173,13 @@ def test_explained_variance():
     assert math.isclose(explained_variance(torch.full_like(returns, 2.0), returns, mask), 0.0, abs_tol=1e-6)
     # residuals (1, 0, -1) around 0: variance 2/3 against 2/3 for the returns -> 0; shifted by a constant, same
     assert math.isclose(explained_variance(returns - 1 + torch.tensor([[0.0, 1.0, 2.0, 0.0]]), returns, mask), 0.0, abs_tol=1e-6)
+
+
+def test_running_moments_match_the_whole_sample():
+    values = torch.tensor([1.0, 4.0, 2.0, 8.0, 5.0, 7.0])
+    count, mean, m2 = 0, 0.0, 0.0
+    for chunk in (values[:1], values[1:4], values[4:]):
+        count, mean, m2 = update_moments(count, mean, m2, chunk)
+    assert count == 6
+    assert math.isclose(mean, float(values.mean()), rel_tol=1e-6)
+    assert math.isclose(math.sqrt(m2 / (count - 1)), float(values.std()), rel_tol=1e-6)
