@@ -176,7 +176,12 @@ def _first_line(text: str) -> str:
 def validate(cfg: Any) -> None:
     """Checks on values that the types alone cannot express."""
     t, d, e = cfg.train, cfg.data, cfg.eval
+    lora = cfg.model.lora
     checks = [
+        ("model.lora.r", lora.r >= 0, "must be non-negative (0: no LoRA)"),
+        ("model.lora.r", lora.r == 0 or cfg.stage != "train-rm", "LoRA is not available for train-rm yet (its new score head trains in full); set it to 0"),
+        ("model.lora.alpha", lora.alpha > 0, "must be positive"),
+        ("model.lora.dropout", 0 <= lora.dropout < 1, "must be in [0, 1)"),
         ("train.batch_size", t.batch_size >= 1, "must be at least 1"),
         ("train.grad_accum", t.grad_accum >= 1, "must be at least 1"),
         ("train.lr", t.lr > 0, "must be positive"),

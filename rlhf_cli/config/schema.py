@@ -93,6 +93,14 @@ class Logger(str, Enum):
 
 
 @dataclass
+class LoraKeys:
+    r: int = _key(0, "LoRA rank; 0 trains every weight (peft must be installed for r > 0: pip install -e \".[lora]\")")
+    alpha: float = _key(16.0, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = _key(0.0, "dropout on the LoRA path")
+    target_modules: List[str] = _key(["all-linear"], "modules that get adapters: all-linear, or names such as q_proj, v_proj")
+
+
+@dataclass
 class ModelConfig:
     path: Optional[str] = _key(
         "tiny", "hub id or local directory of the model this stage trains; `tiny` is the built-in model; null chains from from_run"
@@ -102,6 +110,7 @@ class ModelConfig:
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass to save memory")
     trust_remote_code: bool = _key(False, "run modelling code shipped with a hub model (off unless you trust it)")
     revision: Optional[str] = _key(None, "hub revision (branch, tag or commit) of model.path")
+    lora: LoraKeys = field(default_factory=LoraKeys)
 
 
 @dataclass

@@ -73,6 +73,53 @@ def load_causal_lm(model_cfg: Any, tokenizer, seed: int):
     return model
 
 
+def apply_lora(model, lora_cfg: Any):
+    """The model with LoRA adapters (peft) on `lora_cfg.target_modules` when `lora_cfg.r > 0`, else as is.
+    Only the adapters train; the base weights are frozen."""
+    if lora_cfg.r == 0:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError('model.lora.r > 0 needs peft: pip install -e ".[lora]" (or pip install peft)') from None
+    targets = lora_cfg.target_modules
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=targets[0] if targets == ["all-linear"] else list(targets), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"model.lora.target_modules: {list(targets)}: {exc}") from None
+
+
+class AdapterDisabled:
+    """A LoRA policy's base model as the frozen reference: the same weights with the adapters switched
+    off, so the reference costs no second copy in memory. Called like a model, never with gradients."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, **inputs):
+        import torch
+
+        with torch.no_grad(), self.policy.disable_adapter():
+            return self.policy(**inputs)
+
+
+def load_reference(model_cfg: Any, path: str, policy, tokenizer, seed: int, device):
+    """The frozen reference: the LoRA policy's base when it starts from the same weights, else a model of its own."""
+    import dataclasses
+
+    if model_cfg.lora.r > 0 and path == model_cfg.path:
+        return AdapterDisabled(policy)
+    reference = load_causal_lm(dataclasses.replace(model_cfg, path=path), tokenizer, seed=seed)
+    return reference.to(device).eval().requires_grad_(False)
+
+
+def without_adapters(model):
+    """The model to save as final/: LoRA adapters merged into the base weights (plain transformers)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def load_reward_model(model_cfg: Any, tokenizer, seed: int):
     """A scalar-headed AutoModelForSequenceClassification (num_labels=1), read at the last non-pad token.
 

@@ -170,10 +170,12 @@ def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: An
 
 
 def finish(start: RunStart, model: Any, tokenizer: Any, final_metrics: dict[str, Any], **extra: Any) -> None:
-    """Write final/ (model and tokenizer, safetensors) and mark the run completed."""
+    """Write final/ (model and tokenizer, safetensors; LoRA adapters merged) and mark the run completed."""
+
+    from rlhf_cli.models import without_adapters
 
     def write_final(directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+        without_adapters(model).save_pretrained(directory, safe_serialization=True)
         tokenizer.save_pretrained(directory)
 
     start.run.save_final(write_final)

@@ -14,7 +14,6 @@ Departures from the paper: pairs of ranked rows are all used, each as its own pa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -33,7 +32,17 @@ from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import answer_accuracy, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhf_cli.models import (
+    AdapterDisabled,
+    apply_lora,
+    count_parameters,
+    default_device,
+    forward_inputs,
+    load_causal_lm,
+    load_reference,
+    load_tokenizer,
+    resolve_dtype,
+)
 from rlhf_cli.runs import REFERENCE_CACHE
 from rlhf_cli.stages import (
     RunStart,
@@ -78,15 +87,14 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     cfg.model.path = start_model_path(cfg)
     variant = VARIANTS[cfg.dpo.loss.value]
     tokenizer = load_tokenizer(cfg.model)
-    policy = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
     device = default_device()
     policy.to(device)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     reference_path = cfg.ref.path or cfg.model.path
     reference = None
     if variant.uses_reference:
-        reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
-        reference.to(device).eval().requires_grad_(False)
+        reference = load_reference(cfg.model, reference_path, policy, tokenizer, cfg.train.seed, device)
 
     # 2. Data: preference rows -> pairs of token ids; rows with answers for generation accuracy.
     train_rows, eval_rows = split_rows(cfg.data)
@@ -110,7 +118,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     log.info(
         f"dpo ({cfg.dpo.loss.value}, beta {cfg.dpo.beta}): {count_parameters(policy) / 1e6:.2f}M parameters, "
         f"{len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {total_steps} steps of "
-        f"{batches.samples_per_step} pairs, reference {'none' if not variant.uses_reference else 'cached' if cache else 'live'}"
+        f"{batches.samples_per_step} pairs, reference {'none' if not variant.uses_reference else 'cached' if cache else 'the policy without adapters' if isinstance(reference, AdapterDisabled) else 'live'}"
         f" -> {start.run.path}"
     )
 

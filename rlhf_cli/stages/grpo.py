@@ -27,7 +27,16 @@ from rlhf_cli.data.tokenize import EncodedPrompt, TokenizedSample, encode_prompt
 from rlhf_cli.engine import TorchEngine
 from rlhf_cli.evaluation import answer_accuracy, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhf_cli.models import (
+    apply_lora,
+    count_parameters,
+    default_device,
+    forward_inputs,
+    load_causal_lm,
+    load_reference,
+    load_tokenizer,
+    resolve_dtype,
+)
 from rlhf_cli.rewards import build_rewards, score
 from rlhf_cli.rollout import Sampler, make_sampler
 from rlhf_cli.runs.chain import chained_final
@@ -62,15 +71,14 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     if cfg.model.path is None:
         cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
     tokenizer = load_tokenizer(cfg.model)
-    policy = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
     device = default_device()
     policy.to(device)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     reference_path = cfg.ref.path or cfg.model.path
     reference = None
     if g.beta > 0:
-        reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
-        reference.to(device).eval().requires_grad_(False)
+        reference = load_reference(cfg.model, reference_path, policy, tokenizer, cfg.train.seed, device)
     rewards = build_rewards(g.rewards, cfg.model, device)
     sampler = make_sampler(cfg.rollout, policy, tokenizer.pad_token_id, stop_ids)
 

@@ -46,7 +46,17 @@ from rlhf_cli.engine import TorchEngine
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import exact_match_rate, greedy_texts, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_reward_model, load_tokenizer, resolve_dtype
+from rlhf_cli.models import (
+    apply_lora,
+    count_parameters,
+    default_device,
+    forward_inputs,
+    load_causal_lm,
+    load_reference,
+    load_reward_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from rlhf_cli.rewards import reward_model
 from rlhf_cli.rollout import make_sampler
 from rlhf_cli.runs import RunDir
@@ -139,9 +149,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     reference_path = cfg.ref.path or cfg.model.path
     device = default_device()
     tokenizer = load_tokenizer(cfg.model)
-    actor = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(device)
-    reference = load_causal_lm(dataclasses.replace(cfg.model, path=reference_path), tokenizer, seed=cfg.train.seed)
-    reference.to(device).eval().requires_grad_(False)
+    actor = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora).to(device)
+    reference = load_reference(cfg.model, reference_path, actor, tokenizer, cfg.train.seed, device)
     models = ActorCritic(actor, _load_critic(cfg, critic_path, tokenizer) if separate_critic else None).to(device)
     score = reward_model(cfg.model, reward_path, device)
     manifest_stats = _reward_stats(reward_path) if p.normalize_reward else None

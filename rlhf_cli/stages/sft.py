@@ -28,7 +28,7 @@ from rlhf_cli.engine import TorchEngine
 from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhf_cli.models import apply_lora, count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -48,7 +48,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     # 1. Model and tokenizer.
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+    model = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
     device = default_device()
     model.to(device)
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
