@@ -173,3 +173,30 @@ def test_without_reward_model_statistics_scores_are_normalised_with_running_ones
     first, second = read_jsonl(tmp_path / "runs/default/ppo/metrics.jsonl")[:2]
     assert first["reward/normalized"] == pytest.approx(0.0, abs=1e-5)  # the first batch is its own statistics
     assert second["reward/normalized"] != pytest.approx(0.0, abs=1e-5)
+
+
+def test_offloaded_frozen_models_go_back_to_cpu_after_each_use(rlhf, tmp_path, reward_model_dir, monkeypatch):
+    """On this CPU machine the moves change nothing; the test records that they happen around each rollout."""
+    import torch
+
+    moves = []
+    original = torch.nn.Module.to
+
+    def recording(self, *args, **kwargs):
+        if type(self).__name__ in ("LlamaForSequenceClassification", "LlamaForCausalLM") and args:
+            moves.append((type(self).__name__, str(args[0])))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording)
+    rm = reward_model_dir("rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    args = ["ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "critic.kind=head"]
+    assert rlhf(*args, "output_dir=kept").exit_code == 0
+    kept = list(moves)
+    moves.clear()
+    assert rlhf(*args, "output_dir=offloaded", "ppo.offload_frozen=true").exit_code == 0
+    to_cpu = [m for m in moves if m[1] == "cpu"]
+    # Reference and reward model leave the device after each of the 2 rollouts (plus once at load).
+    assert to_cpu.count(("LlamaForSequenceClassification", "cpu")) >= 3
+    assert to_cpu.count(("LlamaForCausalLM", "cpu")) >= 3
+    assert len(to_cpu) > len([m for m in kept if m[1] == "cpu"])

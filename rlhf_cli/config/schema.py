@@ -318,6 +318,7 @@ class PPOKeys:
     normalize_reward: bool = _key(True, "normalise scores with the reward model's mean and std from its train-rm manifest (running ones without it)")
     reward_clip: float = _key(5.0, "normalised scores clipped to +- reward_clip")
     whiten_advantages: bool = _key(True, "whiten advantages over the batch's response tokens")
+    offload_frozen: bool = _key(False, "keep the reference and reward model in CPU memory, on the device only for their forward passes")
     critic_warmup_steps: int = _key(0, "steps at the start that train only the critic (its values start from reward-model scores)")
 
 

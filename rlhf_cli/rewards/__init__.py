@@ -94,43 +94,48 @@ def http_reward(url: str, timeout: float, retries: int) -> RewardFn:
     return score
 
 
-def reward_model(model_cfg: Any, path: str, device: Any, batch_size: int = 64) -> RewardFn:
-    """The score of a reward model (a train-rm final/) at each completion's last token.
+class RewardModel:
+    """The score of a reward model (a train-rm final/) at each completion's last token, as a reward function.
 
     Prompt and completion are re-tokenised as text with the reward model's own tokenizer, exactly
-    as train-rm encoded its pairs, so a reward model need not share the policy's tokenizer.
+    as train-rm encoded its pairs, so a reward model need not share the policy's tokenizer. Scoring
+    runs wherever `model` is, so a caller may move it between uses.
     """
-    import dataclasses
 
-    import torch
+    def __init__(self, model_cfg: Any, path: str, device: Any, batch_size: int = 64):
+        import dataclasses
 
-    from rlhf_cli.data.batches import collate
-    from rlhf_cli.data.formats import Message
-    from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
-    from rlhf_cli.models import load_reward_model, load_tokenizer
+        from rlhf_cli.data.tokenize import stop_token_ids
+        from rlhf_cli.models import load_reward_model, load_tokenizer
 
-    rm_cfg = dataclasses.replace(model_cfg, path=path, gradient_checkpointing=False)
-    tokenizer = load_tokenizer(rm_cfg)
-    model = load_reward_model(rm_cfg, tokenizer, seed=0).to(device).eval().requires_grad_(False)
-    stop_ids = stop_token_ids(tokenizer)
+        rm_cfg = dataclasses.replace(model_cfg, path=path, gradient_checkpointing=False)
+        self.tokenizer = load_tokenizer(rm_cfg)
+        self.model = load_reward_model(rm_cfg, self.tokenizer, seed=0).to(device).eval().requires_grad_(False)
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.batch_size = batch_size
 
-    @torch.no_grad()
-    def score(prompts: list[str], completions: list[str], examples: Sequence[Any]) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], examples: Sequence[Any]) -> list[float]:
+        import torch
+
+        from rlhf_cli.data.batches import collate
+        from rlhf_cli.data.formats import Message
+        from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response
+
         samples = []
         for completion, example in zip(completions, examples):
             response = completion if isinstance(example.prompt, str) else (Message("assistant", completion),)
-            prompt_ids, response_ids = encode_prompt_response(tokenizer, example.prompt, response, stop_ids, example.where)
+            prompt_ids, response_ids = encode_prompt_response(self.tokenizer, example.prompt, response, self.stop_ids, example.where)
             ids = prompt_ids + response_ids
             samples.append(TokenizedSample(ids, [False] * len(ids), example.where))
+        device = next(self.model.parameters()).device
         scores = []
-        for start in range(0, len(samples), batch_size):
-            batch = collate(samples[start : start + batch_size], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False).logits
-            scores.extend(logits[:, 0].float().tolist())
+        with torch.no_grad():
+            for start in range(0, len(samples), self.batch_size):
+                batch = collate(samples[start : start + self.batch_size], self.tokenizer.pad_token_id)
+                logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                    use_cache=False).logits
+                scores.extend(logits[:, 0].float().tolist())
         return scores
-
-    return score
 
 
 def user_function(spec: str) -> RewardFn:
@@ -167,7 +172,7 @@ def build_rewards(specs: Sequence[Any], model_cfg: Any = None, device: Any = "cp
         elif spec.name == "model":
             if not spec.path:
                 raise UserError("grpo.rewards: the model reward needs a `path` to a reward model (e.g. runs/default/rm/final)")
-            fn = reward_model(model_cfg, spec.path, device)
+            fn = RewardModel(model_cfg, spec.path, device)
         elif ":" in spec.name:
             fn = user_function(spec.name)
         else:

@@ -16,6 +16,7 @@ position P + i - 1, where the critic's value is read too (the value of the state
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -57,7 +58,7 @@ from rlhf_cli.models import (
     load_tokenizer,
     resolve_dtype,
 )
-from rlhf_cli.rewards import reward_model
+from rlhf_cli.rewards import RewardModel
 from rlhf_cli.rollout import make_sampler
 from rlhf_cli.runs import RunDir
 from rlhf_cli.runs.chain import chained_final
@@ -152,7 +153,15 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     actor = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora).to(device)
     reference = load_reference(cfg.model, reference_path, actor, tokenizer, cfg.train.seed, device)
     models = ActorCritic(actor, _load_critic(cfg, critic_path, tokenizer) if separate_critic else None).to(device)
-    score = reward_model(cfg.model, reward_path, device)
+    score = RewardModel(cfg.model, reward_path, device)
+    frozen = [m for m in (reference, score.model) if isinstance(m, torch.nn.Module)]  # a LoRA reference is the actor
+    if p.offload_frozen:
+        for model in frozen:
+            model.to("cpu")
+
+    def frozen_on_device():
+        return _on_device(frozen, device) if p.offload_frozen else contextlib.nullcontext()
+
     manifest_stats = _reward_stats(reward_path) if p.normalize_reward else None
     stop_ids = stop_token_ids(tokenizer, actor.generation_config)
     sampler = make_sampler(cfg.rollout, actor, tokenizer.pad_token_id, stop_ids)
@@ -202,7 +211,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     def evaluate() -> dict[str, float]:
         texts = greedy_texts(actor, tokenizer, answer_examples, stop_ids, max_new_tokens=cfg.eval.max_new_tokens,
                              batch_size=cfg.eval.batch_size)
-        scores = score([""] * len(texts), texts, eval_prompts)
+        with frozen_on_device():
+            scores = score([""] * len(texts), texts, eval_prompts)
         return {"eval/accuracy": exact_match_rate(texts, answer_examples), "eval/reward": sum(scores) / len(scores)}
 
     # 4. Train.
@@ -215,8 +225,9 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         throughput = Throughput()
         for step in range(start_step, total_steps):
             step_prompts = [prompt for micro in batches.micro_batches(step) for prompt in micro]
-            rollouts, stats = _rollout(step_prompts, sampler, score, normalise, models, reference, tokenizer,
-                                       stop_ids, cfg, engine.kl_coef, device, seed=cfg.train.seed * 1_000_003 + step * 997)
+            with frozen_on_device():
+                rollouts, stats = _rollout(step_prompts, sampler, score, normalise, models, reference, tokenizer,
+                                           stop_ids, cfg, engine.kl_coef, device, seed=cfg.train.seed * 1_000_003 + step * 997)
             throughput.add(int(rollouts.batch["attention_mask"].sum()))
             lr = engine.actor.lr
             train_actor = step >= p.critic_warmup_steps
@@ -247,6 +258,18 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         metrics.close()
     finish(start, actor, tokenizer, final_metrics)
     return final_metrics
+
+
+@contextlib.contextmanager
+def _on_device(modules: list[torch.nn.Module], device: torch.device):
+    """Modules on the device for the duration, back in CPU memory after."""
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
 
 
 def _load_critic(cfg: Any, path: str, tokenizer) -> torch.nn.Module:
