@@ -39,7 +39,6 @@ from rlhf_cli.models import (
 )
 from rlhf_cli.rewards import build_rewards, score
 from rlhf_cli.rollout import Sampler, make_sampler
-from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -49,6 +48,7 @@ from rlhf_cli.stages import (
     plan_steps,
     save_checkpoint,
     seed_everything,
+    start_model_path,
 )
 
 log = logging.getLogger("rlhf")
@@ -68,8 +68,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     g = cfg.grpo
     # 1. Policy, reference (only with beta > 0), tokenizer and rewards.
     seed_everything(cfg.train.seed)
-    if cfg.model.path is None:
-        cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
+    cfg.model.path = start_model_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
     policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
     device = default_device()

@@ -71,6 +71,7 @@ from rlhf_cli.stages import (
     plan_steps,
     save_checkpoint,
     seed_everything,
+    start_model_path,
 )
 
 log = logging.getLogger("rlhf")
@@ -142,8 +143,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     p = cfg.ppo
     # 1. The four models: actor and reference from sft/final, reward model and critic from rm/final.
     seed_everything(cfg.train.seed)
-    if cfg.model.path is None:
-        cfg.model.path = chained_final(cfg.from_run, "sft", "model.path")
+    cfg.model.path = start_model_path(cfg)
     reward_path = cfg.reward.path or chained_final(cfg.from_run, "train-rm", "reward.path")
     separate_critic = cfg.critic.kind.value == "separate"
     critic_path = (cfg.critic.path or reward_path) if separate_critic else None
