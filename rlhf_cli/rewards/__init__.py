@@ -196,9 +196,9 @@ def score(rewards: list[Reward], prompts: list[str], completions: list[str], exa
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
             raise UserError(f"reward '{reward.name}' returned {got} values for {len(completions)} completions")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            bad = next(v for v in values if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)))
-            raise UserError(f"reward '{reward.name}' returned {bad!r}, not a finite number")
+        bad = [v for v in values if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))]
+        if bad:
+            raise UserError(f"reward '{reward.name}' returned {bad[0]!r}, not a finite number")
         each[reward.name] = [float(v) for v in values]
     totals = [sum(r.weight * each[r.name][i] for r in rewards) for i in range(len(completions))]
     return totals, each

@@ -92,13 +92,13 @@ class ActorCritic(torch.nn.Module):
             torch.nn.init.zeros_(self.value_head.bias)
 
     def logits_and_values(self, batch: dict[str, torch.Tensor], train_actor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, V) actor logits and (B, T) values. With a value head and `train_actor` off, the
-        value loss reaches the head only."""
+        """(B, T, V) actor logits and (B, T) values. With `train_actor` off the actor runs without a
+        graph, so the value loss reaches the critic (or the value head) only."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_actor):
+            output = self.actor(**forward_inputs(batch), output_hidden_states=self.critic is None)
         if self.critic is not None:
-            return self.actor(**forward_inputs(batch)).logits, token_values(self.critic, batch)
-        output = self.actor(**forward_inputs(batch), output_hidden_states=True)
-        hidden = output.hidden_states[-1]
-        return output.logits, self.value_head(hidden if train_actor else hidden.detach()).squeeze(-1).float()
+            return output.logits, token_values(self.critic, batch)
+        return output.logits, self.value_head(output.hidden_states[-1]).squeeze(-1).float()
 
 
 class ActorCriticEngine:
