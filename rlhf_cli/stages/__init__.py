@@ -163,6 +163,12 @@ def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: 
     return start_step
 
 
+def checkpoint_if_due(cfg: Any, start: RunStart, done: int, total: int, model: Any, engine: Any) -> None:
+    """Called after every optimizer step: saves the periodic checkpoint (train.save_every)."""
+    if due(cfg.train.save_every, done, total):
+        save_checkpoint(cfg, start, done, model, engine)
+
+
 def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: Any) -> None:
     from rlhf_cli.runs.checkpoint import save_training_state
 

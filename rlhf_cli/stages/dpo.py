@@ -47,11 +47,11 @@ from rlhf_cli.runs import REFERENCE_CACHE
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
+    checkpoint_if_due,
     describe_model_source,
     due,
     finish,
     plan_steps,
-    save_checkpoint,
     seed_everything,
     split_rows,
     start_model_path,
@@ -204,8 +204,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 metrics.log(done, last)
             if due(cfg.train.eval_every, done, total_steps) and (eval_pairs or answer_examples):
                 metrics.log(done, evaluate())
-            if due(cfg.train.save_every, done, total_steps):
-                save_checkpoint(cfg, start, done, policy, engine)
+            checkpoint_if_due(cfg, start, done, total_steps, policy, engine)
 
         # 5. Final evaluation and the model.
         final_metrics = {k: last.get(k) for k in ("loss", "rewards/accuracy", "rewards/margin")} | {"steps": total_steps}

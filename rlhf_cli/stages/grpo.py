@@ -42,11 +42,11 @@ from rlhf_cli.rollout import Sampler, make_sampler
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
+    checkpoint_if_due,
     describe_model_source,
     due,
     finish,
     plan_steps,
-    save_checkpoint,
     seed_everything,
     start_model_path,
 )
@@ -164,8 +164,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 stats = {}
             if answer_examples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate())
-            if due(cfg.train.save_every, done, total_steps):
-                save_checkpoint(cfg, start, done, policy, engine)
+            checkpoint_if_due(cfg, start, done, total_steps, policy, engine)
 
         # 5. Final evaluation and the model.
         final_metrics = {k: last.get(k) for k in ("reward/mean", "kl", "completion_length")} | {"steps": total_steps}

@@ -65,11 +65,11 @@ from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
+    checkpoint_if_due,
     describe_model_source,
     due,
     finish,
     plan_steps,
-    save_checkpoint,
     seed_everything,
     start_model_path,
 )
@@ -246,8 +246,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 window = {}
             if answer_examples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate())
-            if due(cfg.train.save_every, done, total_steps):
-                save_checkpoint(cfg, start, done, models, engine)
+            checkpoint_if_due(cfg, start, done, total_steps, models, engine)
 
         # 5. Final evaluation and the actor.
         if answer_examples:

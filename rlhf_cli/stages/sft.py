@@ -32,11 +32,11 @@ from rlhf_cli.models import apply_lora, count_parameters, default_device, forwar
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
+    checkpoint_if_due,
     describe_model_source,
     due,
     finish,
     plan_steps,
-    save_checkpoint,
     seed_everything,
     split_rows,
 )
@@ -101,8 +101,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 metrics.log(done, last)
             if eval_samples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device))
-            if due(cfg.train.save_every, done, total_steps):
-                save_checkpoint(cfg, start, done, model, engine)
+            checkpoint_if_due(cfg, start, done, total_steps, model, engine)
 
         # 5. Final evaluation and the model the next stage loads.
         final_metrics = {"loss": last.get("loss"), "steps": total_steps}

@@ -28,11 +28,11 @@ from rlhf_cli.models import count_parameters, default_device, load_reward_model,
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
+    checkpoint_if_due,
     describe_model_source,
     due,
     finish,
     plan_steps,
-    save_checkpoint,
     seed_everything,
     split_rows,
     start_model_path,
@@ -109,8 +109,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 metrics.log(done, last)
             if eval_groups and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, eval_groups, tokenizer.pad_token_id, cfg.eval.batch_size, device, engine))
-            if due(cfg.train.save_every, done, total_steps):
-                save_checkpoint(cfg, start, done, model, engine)
+            checkpoint_if_due(cfg, start, done, total_steps, model, engine)
 
         # 5. Final evaluation, the reward statistics PPO normalises with, and the model.
         final_metrics = {k: last.get(k) for k in ("loss", "accuracy", "margin")} | {"steps": total_steps}
