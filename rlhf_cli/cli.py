@@ -64,6 +64,7 @@ def _task(cfg: Any) -> None:
     """The Hydra task of every stage (module level, so submitit can pickle it by reference)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from rlhf_cli import distributed
     from rlhf_cli.stages import AlreadyComplete, open_run
     from rlhf_cli.stages.registry import STAGE_RUNNERS
 
@@ -75,6 +76,11 @@ def _task(cfg: Any) -> None:
 
         typed = OmegaConf.to_object(cfg)
         typed.output_dir = hydra_cfg.runtime.output_dir
+        if distributed.launched_world_size() > 1 and typed.deepspeed.stage is None:
+            raise UserError(f"{distributed.launched_world_size()} processes need DeepSpeed: set deepspeed=zero0|zero1|zero2|zero3")
+        distributed.start(backend_needed=typed.deepspeed.stage is not None)
+        if not distributed.is_main():
+            log.setLevel(logging.WARNING)  # one console for the run: process 0's
         start = open_run(typed)
         try:
             STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
@@ -91,6 +97,8 @@ def _task(cfg: Any) -> None:
         if os.environ.get(DEBUG_ENV):
             raise
         _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
+    finally:
+        distributed.stop()
 
 
 def _reason(exc: BaseException) -> str:

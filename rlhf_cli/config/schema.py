@@ -171,6 +171,21 @@ class WandbConfig:
 
 
 @dataclass
+class DeepSpeedKeys:
+    """Set as a group: deepspeed=none|zero0|zero1|zero2|zero3|zero3_offload (conf/deepspeed/), then keys."""
+
+    stage: Optional[int] = _key(None, "ZeRO stage 0-3 under DeepSpeed; null: plain PyTorch, one process")
+    offload_optimizer: bool = _key(False, "optimizer state in CPU memory (ZeRO 1-3)")
+    offload_params: bool = _key(False, "parameters in CPU memory between uses (ZeRO 3)")
+    config: Optional[str] = _key(None, "your own DeepSpeed JSON: checked against the one generated from these keys, then used")
+
+
+@dataclass
+class LauncherKeys:
+    nproc: int = _key(1, "processes on this node; more than 1 re-runs the stage under torchrun (needs deepspeed)")
+
+
+@dataclass
 class StageConfig:
     """Keys every stage shares."""
 
@@ -183,6 +198,8 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    deepspeed: DeepSpeedKeys = field(default_factory=DeepSpeedKeys)
+    launcher: LauncherKeys = field(default_factory=LauncherKeys)
 
 
 @dataclass

@@ -23,10 +23,14 @@ FALLBACK_CHAT_TEMPLATE = (
 
 
 def default_device():
-    """The accelerator when there is one, else the CPU (the plain engine runs on one device)."""
+    """This process's accelerator (cuda:LOCAL_RANK under a launcher) when there is one, else the CPU."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(name: str):

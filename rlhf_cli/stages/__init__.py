@@ -150,12 +150,15 @@ def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: 
     manifest as running, and return the step training starts at."""
     from rlhf_cli.runs.checkpoint import load_training_state
 
+    from rlhf_cli import distributed
+
     start_step = 0
     if start.checkpoint is not None:
         start_step = load_training_state(start.checkpoint, model, engine)["step"]
         log.info(f"resuming from {start.checkpoint} (step {start_step})")
-    elif cfg.resume == "never":
+    elif cfg.resume == "never" and distributed.is_main():
         start.run.start_fresh()
+    distributed.barrier()  # every process has read what it resumes from before anything is replaced
     start.run.begin(
         cfg.stage, start.config, start.config_yaml, parents=parents,
         resumed_from=str(start.checkpoint) if start.checkpoint else None, overrides=overrides,
@@ -176,13 +179,17 @@ def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: An
 
 
 def finish(start: RunStart, model: Any, tokenizer: Any, final_metrics: dict[str, Any], **extra: Any) -> None:
-    """Write final/ (model and tokenizer, safetensors; LoRA adapters merged) and mark the run completed."""
-
+    """Write final/ (model and tokenizer, safetensors; LoRA adapters merged; ZeRO-3 partitions
+    gathered) and mark the run completed. Every process calls it; process 0 writes."""
+    from rlhf_cli import distributed
+    from rlhf_cli.engine.zero import full_weights
     from rlhf_cli.models import without_adapters
 
     def write_final(directory: Path) -> None:
-        without_adapters(model).save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
+        with full_weights(model):
+            if distributed.is_main():
+                without_adapters(model).save_pretrained(directory, safe_serialization=True)
+                tokenizer.save_pretrained(directory)
 
     start.run.save_final(write_final)
     start.run.complete(final_metrics, **extra)
