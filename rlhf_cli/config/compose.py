@@ -201,6 +201,15 @@ def validate(cfg: Any) -> None:
         ("eval.max_samples", e.max_samples >= 0, "must be non-negative"),
         ("eval.batch_size", e.batch_size >= 1, "must be at least 1"),
     ]
+    ds, nproc = cfg.deepspeed, cfg.launcher.nproc
+    checks += [
+        ("deepspeed.stage", ds.stage is None or 0 <= ds.stage <= 3, "must be 0, 1, 2 or 3 (or null: no DeepSpeed)"),
+        ("deepspeed.offload_optimizer", not ds.offload_optimizer or (ds.stage or 0) >= 1, "needs deepspeed.stage 1, 2 or 3"),
+        ("deepspeed.offload_params", not ds.offload_params or ds.stage == 3, "needs deepspeed.stage 3"),
+        ("deepspeed.config", ds.config is None or ds.stage is not None, "needs a ZeRO stage (deepspeed=zero0..zero3)"),
+        ("launcher.nproc", nproc >= 1, "must be at least 1"),
+        ("launcher.nproc", nproc == 1 or ds.stage is not None, "more than one process needs DeepSpeed: set deepspeed=zero0|zero1|zero2|zero3"),
+    ]
     if hasattr(e, "generate"):
         checks += [
             ("eval.generate", e.generate >= 0, "must be non-negative"),
@@ -244,6 +253,7 @@ def validate(cfg: Any) -> None:
             ("ppo.reward_clip", p.reward_clip > 0, "must be positive"),
             ("critic.lr", cfg.critic.lr > 0, "must be positive"),
             ("ppo.critic_warmup_steps", p.critic_warmup_steps >= 0, "must be non-negative"),
+            ("ppo.offload_frozen", not p.offload_frozen or ds.stage != 3, "does not combine with ZeRO-3, which partitions the frozen models; use deepspeed.offload_params"),
         ]
     if hasattr(cfg, "grpo"):
         g = cfg.grpo
@@ -257,6 +267,8 @@ def validate(cfg: Any) -> None:
     for key, ok, rule in checks:
         if not ok:
             raise UserError(f"{key}: {_lookup(cfg, key)!r} {rule}")
+    if ds.config is not None and not os.path.isfile(ds.config):
+        raise UserError(f"deepspeed.config: '{ds.config}' is not a file")
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         raise UserError(f"resume: '{cfg.resume}' is not auto, never, or an existing checkpoint directory")
     if not cfg.output_dir:

@@ -140,12 +140,17 @@ class DeepSpeedEngine:
             raise UserError(f"{directory}: the DeepSpeed checkpoint {self.name}/ could not be loaded")
 
 
-def frozen_for_inference(model: torch.nn.Module, ds_keys: Any, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """A frozen model (reference, reward) partitioned like the policy under ZeRO-3; as it is otherwise."""
-    if ds_keys.stage != 3:
+def frozen_for_inference(model: Any, cfg: Any) -> Any:
+    """A frozen model (reference, reward) partitioned like the policy under ZeRO-3; as it is otherwise
+    (and a LoRA reference, which is the policy itself)."""
+    ds_keys = cfg.deepspeed
+    if ds_keys.stage != 3 or not isinstance(model, torch.nn.Module):
         return model
     import deepspeed
 
+    from rlhf_cli.models import resolve_dtype
+
+    compute_dtype = resolve_dtype(cfg.model.dtype.value)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
               "bf16": {"enabled": compute_dtype == torch.bfloat16}, "fp16": {"enabled": compute_dtype == torch.float16}}
     if ds_keys.offload_params:

@@ -21,10 +21,11 @@ from rlhf_cli.algos.rewards import bradley_terry_loss, reward_centering_penalty
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.preferences import PreferenceGroup, to_preference_groups
 from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
-from rlhf_cli.engine import TorchEngine
+from rlhf_cli import distributed
+from rlhf_cli.engine import make_engine
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, default_device, load_reward_model, load_tokenizer, resolve_dtype
+from rlhf_cli.models import count_parameters, default_device, load_reward_model, load_tokenizer
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -69,7 +70,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     total_steps = plan_steps(cfg.train, len(train_groups), batches.samples_per_step)
 
     # 3. Engine, and the state to resume from.
-    engine = TorchEngine(model, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
+    engine = make_engine(model, cfg, total_steps)
     start_step = begin_training(cfg, start, model, engine, {"model": describe_model_source(cfg.model.path)}, overrides)
     n_pairs = sum(len(g.pairs) for g in train_groups)
     log.info(
@@ -85,7 +86,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         throughput = Throughput()
         for step in range(start_step, total_steps):
             micro_batches = batches.micro_batches(step)
-            prompts_in_step = sum(len(mb) for mb in micro_batches)
+            prompts_in_step = distributed.total(sum(len(mb) for mb in micro_batches))
             lr = engine.lr
             totals = torch.zeros(4, device=device)  # loss, correct pairs, margin sum, pairs
             for groups in micro_batches:
@@ -103,9 +104,9 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             metrics.advance(done)
 
             if done % cfg.train.log_every == 0 or done == total_steps:
-                loss_sum, correct, gap_sum, pairs = totals.tolist()
+                loss_sum, correct, gap_sum, pairs = distributed.total(totals).tolist()
                 last = {"loss": loss_sum, "accuracy": correct / pairs, "margin": gap_sum / pairs, "lr": lr,
-                        "grad_norm": grad_norm, "tokens_per_s": throughput.read()}
+                        "grad_norm": grad_norm, "tokens_per_s": distributed.total(throughput.read())}
                 metrics.log(done, last)
             if eval_groups and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, eval_groups, tokenizer.pad_token_id, cfg.eval.batch_size, device, engine))
@@ -153,7 +154,7 @@ def _encode(tokenizer, groups: list[PreferenceGroup], stop_ids: set[int], data_c
     return encoded
 
 
-def _rewards(model, groups: list[EncodedGroup], pad_id: int, device: torch.device, engine: TorchEngine) -> torch.Tensor:
+def _rewards(model, groups: list[EncodedGroup], pad_id: int, device: torch.device, engine) -> torch.Tensor:
     """(N,) rewards of every sequence of the groups, in order."""
     samples = [TokenizedSample(list(s), [False] * len(s), g.where) for g in groups for s in g.sequences]
     batch = collate(samples, pad_id)
@@ -185,7 +186,7 @@ def _pairs(groups: list[EncodedGroup], rewards: torch.Tensor, prompts_in_step: i
 
 
 @torch.no_grad()
-def evaluate(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine: TorchEngine) -> dict[str, float]:
+def evaluate(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine) -> dict[str, float]:
     """eval/loss, eval/accuracy (pairs whose chosen response scores higher) and eval/margin over the eval prompts."""
     model.eval()
     loss, correct, gap_sum, pairs = 0.0, 0, 0.0, 0
@@ -203,7 +204,7 @@ def evaluate(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, de
 
 
 @torch.no_grad()
-def chosen_reward_stats(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine: TorchEngine) -> dict[str, float]:
+def chosen_reward_stats(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine) -> dict[str, float]:
     """Mean and standard deviation of the reward of each prompt's best response."""
     model.eval()
     best = [EncodedGroup(g.where, (g.sequences[g.pairs[0][0]],), ()) for g in groups]
