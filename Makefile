@@ -8,6 +8,8 @@ CONSTRAINTS ?= constraints-cpu.txt
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed's one compiled CPU op, kept with this environment (two venvs sharing one cache rebuild it).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test test-slow bench clean
 
@@ -29,6 +31,7 @@ test-slow: install
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/dpo_reference_memory.py
+	$(BIN)/python bench/zero_throughput.py
 
 clean:
 	rm -rf runs outputs multirun wandb .pytest_cache
