@@ -125,6 +125,10 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging() -> None:
+    import warnings
+
+    # DeepSpeed still calls the torch.distributed collectives torch has renamed: one warning per call site.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logger = logging.getLogger("rlhf")
     if not logger.handlers:
         handler = _StderrHandler()
@@ -200,7 +204,7 @@ def _relaunch(stage: str, args: list[str], nproc: int) -> int:
 
     from rlhf_cli.distributed import free_port
 
-    shared = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+    shared = {"RLHF_RUN_ID": os.environ.get("RLHF_RUN_ID", time.strftime("%Y-%m-%d_%H-%M-%S")), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
               "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     processes = [
         subprocess.Popen([sys.executable, "-m", "rlhf_cli", stage, *args],

@@ -202,4 +202,5 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """All parameters, also those ZeRO-3 has partitioned away (ds_numel is a parameter's full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

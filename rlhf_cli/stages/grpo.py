@@ -38,7 +38,7 @@ from rlhf_cli.models import (
     load_reference,
     load_tokenizer,
 )
-from rlhf_cli.rewards import build_rewards, score
+from rlhf_cli.rewards import RewardModel, build_rewards, score
 from rlhf_cli.rollout import Sampler, make_sampler
 from rlhf_cli.stages import (
     RunStart,
@@ -81,6 +81,9 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     if g.beta > 0:
         reference = frozen_for_inference(load_reference(cfg.model, reference_path, policy, tokenizer, cfg.train.seed, device), cfg)
     rewards = build_rewards(g.rewards, cfg.model, device)
+    for reward in rewards:
+        if isinstance(reward.fn, RewardModel):
+            reward.fn.model = frozen_for_inference(reward.fn.model, cfg)
     sampler = make_sampler(cfg.rollout, policy, tokenizer.pad_token_id, stop_ids)
 
     # 2. Data: prompts, encoded once (with answers for the rule rewards); rows with answers for eval accuracy.
