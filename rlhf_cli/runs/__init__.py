@@ -3,7 +3,7 @@
 ```
 <output_dir>/
   manifest.json     stage, status (running | completed | failed), times, resolved config, parents,
-                    final metrics, library versions
+                    parameters (total, trainable), final metrics and format, library versions
   config.yaml       the resolved config
   metrics.jsonl     one JSON object per logged step
   checkpoints/step-N/   full training state for an exact resume
@@ -145,7 +145,7 @@ class RunDir:
                 target.unlink()
 
     def begin(self, stage: str, config: dict[str, Any], config_yaml: str, parents: dict[str, Any],
-              resumed_from: Optional[str], overrides: list[str]) -> None:
+              resumed_from: Optional[str], overrides: list[str], parameters: dict[str, int]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path / CONFIG, config_yaml)
         previous = self.read_manifest() or {}
@@ -160,6 +160,7 @@ class RunDir:
             "config": redact(config),
             "overrides": overrides,
             "parents": parents,
+            "parameters": parameters,  # total and trainable (LoRA trains a few)
             "resumed_from": resumed_from,
             "final": None,
             "final_metrics": None,

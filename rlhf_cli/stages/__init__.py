@@ -156,9 +156,11 @@ def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: 
         log.info(f"resuming from {start.checkpoint} (step {start_step})")
     elif cfg.resume == "never":
         start.run.start_fresh()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start.run.begin(
         cfg.stage, start.config, start.config_yaml, parents=parents,
         resumed_from=str(start.checkpoint) if start.checkpoint else None, overrides=overrides,
+        parameters={"total": sum(p.numel() for p in model.parameters()), "trainable": trainable},
     )
     return start_step
 
@@ -175,14 +177,24 @@ def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: An
     start.run.save_checkpoint(step, lambda d: save_training_state(d, model, engine, {"step": step}), keep=cfg.train.keep_checkpoints)
 
 
-def finish(start: RunStart, model: Any, tokenizer: Any, final_metrics: dict[str, Any], **extra: Any) -> None:
-    """Write final/ (model and tokenizer, safetensors; LoRA adapters merged) and mark the run completed."""
+def finish(cfg: Any, start: RunStart, model: Any, tokenizer: Any, final_metrics: dict[str, Any], **extra: Any) -> None:
+    """Write final/ (safetensors and the tokenizer) and mark the run completed. final/ holds full weights,
+    LoRA adapters merged in, or with model.lora.merge=false the adapter alone; the manifest says which
+    (`final_format`) and, for an adapter, which base it was trained on (`base_model`)."""
+    from rlhf_cli.models import base_model_reference, save_adapter, without_adapters
 
-    from rlhf_cli.models import without_adapters
+    adapter_only = cfg.model.lora.r > 0 and not cfg.model.lora.merge
 
     def write_final(directory: Path) -> None:
-        without_adapters(model).save_pretrained(directory, safe_serialization=True)
+        if adapter_only:
+            save_adapter(model, directory, cfg.model)
+        else:
+            without_adapters(model).save_pretrained(directory, safe_serialization=True)
         tokenizer.save_pretrained(directory)
 
     start.run.save_final(write_final)
-    start.run.complete(final_metrics, **extra)
+    if adapter_only:
+        final_format = {"final_format": "adapter", "base_model": describe_model_source(base_model_reference(cfg.model.path))}
+    else:
+        final_format = {"final_format": "merged"}
+    start.run.complete(final_metrics, **final_format, **extra)
