@@ -29,6 +29,7 @@ test-slow: install
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/dpo_reference_memory.py
+	OMP_NUM_THREADS=2 $(BIN)/python bench/lora_memory.py
 
 clean:
 	rm -rf runs outputs multirun wandb .pytest_cache
