@@ -32,6 +32,7 @@ test-slow: install
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/dpo_reference_memory.py
 	$(BIN)/python bench/zero_throughput.py
+	OMP_NUM_THREADS=2 $(BIN)/python bench/lora_memory.py
 
 clean:
 	rm -rf runs outputs multirun wandb .pytest_cache

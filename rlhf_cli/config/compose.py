@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -179,7 +179,9 @@ def validate(cfg: Any) -> None:
     lora = cfg.model.lora
     checks = [
         ("model.lora.r", lora.r >= 0, "must be non-negative (0: no LoRA)"),
-        ("model.lora.r", lora.r == 0 or cfg.stage != "train-rm", "LoRA is not available for train-rm yet (its new score head trains in full); set it to 0"),
+        ("model.lora.merge", lora.r == 0 or lora.merge or cfg.model.path != "tiny",
+         "saves only the adapter, but the base weights of model.path=tiny are drawn from train.seed and saved nowhere; "
+         "start from a saved model or keep model.lora.merge=true"),
         ("model.lora.alpha", lora.alpha > 0, "must be positive"),
         ("model.lora.dropout", 0 <= lora.dropout < 1, "must be in [0, 1)"),
         ("train.batch_size", t.batch_size >= 1, "must be at least 1"),
@@ -285,7 +287,7 @@ def check_sources(cfg: Any) -> None:
     """Local model and data paths that do not exist, and unknown built-in sets, before anything starts."""
     from rlhf_cli.data.builtin import BUILTINS
     from rlhf_cli.data.sources import BUILTIN_PREFIX, looks_local
-    from rlhf_cli.models import TINY
+    from rlhf_cli.models import ADAPTER_CONFIG, TINY, adapter_base_config
 
     if cfg.model.path is None:
         if not hasattr(cfg, "from_run"):
@@ -299,8 +301,12 @@ def check_sources(cfg: Any) -> None:
             continue
         if looks_local(path) and not os.path.isdir(path):
             raise UserError(f"{key}: '{path}' is not an existing directory (nor a hub id)")
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", ADAPTER_CONFIG)):
             raise UserError(f"{key}: '{path}' has no config.json here, so it is not a model directory")
+        try:
+            adapter_base_config(replace(cfg.model, path=path))
+        except UserError as exc:
+            raise UserError(f"{key}: {exc}") from None
     sources = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
     if getattr(cfg.eval, "accuracy_data", None):
         sources.append(("eval.accuracy_data", cfg.eval.accuracy_data))

@@ -98,6 +98,7 @@ class LoraKeys:
     alpha: float = _key(16.0, "LoRA scaling numerator (the update is scaled by alpha / r)")
     dropout: float = _key(0.0, "dropout on the LoRA path")
     target_modules: List[str] = _key(["all-linear"], "modules that get adapters: all-linear, or names such as q_proj, v_proj")
+    merge: bool = _key(True, "final/ holds the adapters merged into full weights; false: the adapter alone, loaded on its base")
 
 
 @dataclass

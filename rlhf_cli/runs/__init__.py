@@ -3,7 +3,7 @@
 ```
 <output_dir>/
   manifest.json     stage, status (running | completed | failed), times, resolved config, parents,
-                    final metrics, library versions
+                    parameters (total, trainable), final metrics and format, library versions
   config.yaml       the resolved config
   metrics.jsonl     one JSON object per logged step
   checkpoints/step-N/   full training state for an exact resume
@@ -158,7 +158,7 @@ class RunDir:
                 target.unlink()
 
     def begin(self, stage: str, config: dict[str, Any], config_yaml: str, parents: dict[str, Any],
-              resumed_from: Optional[str], overrides: list[str]) -> None:
+              resumed_from: Optional[str], overrides: list[str], parameters: dict[str, int]) -> None:
         """Record the run as running (process 0 writes the manifest; the others only keep it)."""
         from rlhf_cli import distributed
 
@@ -177,6 +177,7 @@ class RunDir:
             "config": redact(config),
             "overrides": overrides,
             "parents": parents,
+            "parameters": parameters,  # total and trainable (LoRA trains a few)
             "resumed_from": resumed_from,
             "final": None,
             "final_metrics": None,

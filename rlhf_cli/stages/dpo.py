@@ -88,7 +88,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     cfg.model.path = start_model_path(cfg)
     variant = VARIANTS[cfg.dpo.loss.value]
     tokenizer = load_tokenizer(cfg.model)
-    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
+    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model)
     device = default_device()
     policy.to(device)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
@@ -215,7 +215,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-    finish(start, policy, tokenizer, final_metrics)
+    finish(cfg, start, policy, tokenizer, final_metrics)
     return final_metrics
 
 

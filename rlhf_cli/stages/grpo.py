@@ -72,7 +72,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     cfg.model.path = start_model_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
+    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model)
     device = default_device()
     policy.to(device)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
@@ -178,7 +178,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-    finish(start, policy, tokenizer, final_metrics)
+    finish(cfg, start, policy, tokenizer, final_metrics)
     return final_metrics
 
 

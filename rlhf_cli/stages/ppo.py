@@ -174,7 +174,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     reference_path = cfg.ref.path or cfg.model.path
     device = default_device()
     tokenizer = load_tokenizer(cfg.model)
-    actor = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora).to(device)
+    actor = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model).to(device)
     reference = frozen_for_inference(load_reference(cfg.model, reference_path, actor, tokenizer, cfg.train.seed, device), cfg)
     models = ActorCritic(actor, _load_critic(cfg, critic_path, tokenizer) if separate_critic else None).to(device)
     score = RewardModel(cfg.model, reward_path, device)
@@ -282,7 +282,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-    finish(start, actor, tokenizer, final_metrics)
+    finish(cfg, start, actor, tokenizer, final_metrics)
     return final_metrics
 
 

@@ -49,7 +49,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     # 1. Model and tokenizer.
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
+    model = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model)
     device = default_device()
     model.to(device)
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
@@ -112,7 +112,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-    finish(start, model, tokenizer, final_metrics)
+    finish(cfg, start, model, tokenizer, final_metrics)
     return final_metrics
 
 

@@ -1,7 +1,8 @@
 """rlhf train-rm: a scalar reward model from pairwise or ranked preferences (InstructGPT step 2).
 
 The model is `AutoModelForSequenceClassification` with one output, read at the last non-padding
-token (the response's end token), started from `from_run`'s sft/final unless `model.path` is set.
+token (the response's end token), started from `from_run`'s sft/final unless `model.path` is set;
+with `model.lora.r > 0` LoRA adapters and the score head train, the rest is frozen.
 The loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected - margin). A ranked prompt with K
 responses contributes all K(K-1)/2 pairs, each response encoded once, and (as in InstructGPT) its
 pairs share a weight of 1/C(K,2), so each prompt counts once; the step loss averages over prompts.
@@ -25,7 +26,7 @@ from rlhf_cli import distributed
 from rlhf_cli.engine import make_engine
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, default_device, load_reward_model, load_tokenizer
+from rlhf_cli.models import apply_lora, count_parameters, default_device, load_reward_model, load_tokenizer
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -54,7 +55,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     cfg.model.path = start_model_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    # With LoRA the adapters train and so does the whole score head, which starts new (peft's modules_to_save).
+    model = apply_lora(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model, task_type="SEQ_CLS")
     device = default_device()
     model.to(device)
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
@@ -123,7 +125,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     stats = chosen_reward_stats(model, train_groups[: cfg.rm.stats_samples], tokenizer.pad_token_id, cfg.eval.batch_size, device, engine)
     log.info(f"reward over {stats['samples']} chosen training responses: mean {stats['mean']:.4f}, std {stats['std']:.4f}")
 
-    finish(start, model, tokenizer, final_metrics, reward_stats=stats)
+    finish(cfg, start, model, tokenizer, final_metrics, reward_stats=stats)
     return final_metrics
 
 
