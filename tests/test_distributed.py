@@ -93,6 +93,24 @@ def test_zero3_checkpoint_resumes_to_the_same_weights(chain):
     assert _losses(chain / "resumed")[-2:] == pytest.approx(_losses(chain / "straight")[-2:], abs=1e-6)
 
 
+def test_lora_trains_under_zero_and_its_final_feeds_the_next_stage(chain):
+    # LoRA matrices leave the no-decay parameter group empty; DeepSpeed drops it, the schedule must too.
+    result = _rlhf(chain, "dpo", "train.max_steps=2", "train.batch_size=2", "launcher.nproc=2", "deepspeed=zero3",
+                   "model.lora.r=4", "output_dir=lora/dpo")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((chain / "lora/dpo/manifest.json").read_text())
+    assert manifest["final_format"] == "merged" and manifest["parameters"]["trainable"] < manifest["parameters"]["total"]
+
+
+def test_a_sweep_of_multi_process_jobs_runs_every_job(chain):
+    result = _rlhf(chain, "sft", "-m", "train.max_steps=1", "train.batch_size=2", "launcher.nproc=2", "deepspeed=zero0",
+                   "train.lr=1e-3,2e-3", "output_dir=sweep")
+    assert result.returncode == 0, result.stderr
+    (sweep,) = (chain / "sweep-sweep").iterdir()  # both processes chose the same sweep directory
+    for job in ("0_train.lr=0.001", "1_train.lr=0.002"):
+        assert json.loads((sweep / job / "manifest.json").read_text())["status"] == "completed"
+
+
 def test_several_processes_need_deepspeed_and_say_so(rlhf):
     result = rlhf("sft", "launcher.nproc=2")
     assert result.exit_code == 2
