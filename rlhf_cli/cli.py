@@ -283,6 +283,42 @@ for _stage in STAGE_HELP:
     _make_stage_command(_stage)
 
 
+@app.command(
+    "pipeline",
+    help="Several stages chained in one run directory (runs/default/{sft,rm,dpo,grpo,ppo}): pipeline=all|rlhf|dpo|grpo, "
+         "output_dir=DIR, key=value for every stage, STAGE.key=value for one (sft.train.lr=1e-4). A finished stage is "
+         "skipped, an interrupted one continues, a changed one trains again.",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def pipeline_command(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+) -> None:
+    from rlhf_cli import pipeline
+
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    _setup_logging()
+    try:
+        code = pipeline.run(list(ctx.args), _run_stage)
+    except UserError as exc:
+        if debug:
+            raise
+        _die(str(exc), exc.exit_code)
+    if code:
+        raise SystemExit(code)
+
+
+def _run_stage(stage: str, overrides: list[str]) -> int:
+    """One stage of a pipeline, as `rlhf <stage> OVERRIDES` would run it; its exit code."""
+    try:
+        dispatch(stage, overrides)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    return 0
+
+
 def main() -> None:
     # The deepspeed launcher puts --local_rank=N before the subcommand, where Typer would reject it.
     for arg in list(sys.argv[1:]):

@@ -99,5 +99,5 @@ def test_a_completed_run_whose_parent_was_retrained_is_not_taken_as_done(rlhf, t
     assert again.exit_code == 0 and "already complete" in again.output
     assert rlhf(*sft, "train.lr=5e-4", "resume=never").exit_code == 0
     stale = rlhf("train-rm", *RM_QUICK)
-    assert stale.exit_code != 0 and "since rerun" in stale.output and "resume=never" in stale.output
+    assert stale.exit_code != 0 and "was trained again since it started from it" in stale.output and "resume=never" in stale.output
     assert rlhf("train-rm", *RM_QUICK, "resume=never").exit_code == 0

@@ -53,22 +53,25 @@ def open_run(cfg: Any) -> RunStart:
             f"output_dir={cfg.output_dir}: holds a {manifest.get('stage')} run, not {cfg.stage}; choose another output_dir"
         )
     if manifest.get("status") == "completed":
-        changed = config_changes(manifest.get("config", {}), redact(config))
-        if not changed:
-            started_from = manifest.get("parents", {}).get("model", {})
-            current = describe_model_source(start_model_path(cfg))
-            if started_from.get("run_id") != current.get("run_id"):
-                raise UserError(
-                    f"output_dir={cfg.output_dir}: holds a completed run started from {started_from.get('path')} as it was "
-                    f"at {started_from.get('finished_at')}, since rerun ({current.get('finished_at')}); "
-                    "resume=never trains again from the new one"
-                )
+        difference = completed_run_differs(manifest, redact(config))
+        if difference is None:
             raise AlreadyComplete(f"{cfg.output_dir} is already complete with this config; nothing to do")
-        raise UserError(
-            f"output_dir={cfg.output_dir}: holds a completed run with another config ({changed}); "
-            "resume=never replaces it, or choose another output_dir"
-        )
+        raise UserError(f"output_dir={cfg.output_dir}: holds a completed run {difference}; "
+                        "resume=never trains again, or choose another output_dir")
     return RunStart(run, run.latest_checkpoint(), config, config_yaml)
+
+
+def completed_run_differs(manifest: dict[str, Any], config: dict[str, Any]) -> Optional[str]:
+    """Why a completed run is not this run (None when it is): another config, or a parent model
+    (sft/final, rm/final, ...) trained again since it started from it."""
+    changed = config_changes(manifest.get("config", {}), config)
+    if changed:
+        return f"with another config ({changed})"
+    for name, parent in manifest.get("parents", {}).items():
+        if parent.get("run_id") and describe_model_source(parent["path"]).get("run_id") != parent["run_id"]:
+            return (f"whose {name} {parent['path']} was trained again since it started from it "
+                    f"(as it was at {parent.get('finished_at')})")
+    return None
 
 
 def start_model_path(cfg: Any) -> str:
