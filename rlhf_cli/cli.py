@@ -24,6 +24,9 @@ from rlhf_cli.errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
+# EX_TEMPFAIL (sysexits.h): stopped by SIGUSR1, SIGUSR2 or SIGTERM after a checkpoint; rerun to continue.
+# scripts/slurm/*.sbatch requeue the job on it.
+EXIT_PREEMPTED = 75
 DEBUG_ENV = "RLHF_DEBUG"
 
 STAGE_HELP = {
@@ -64,6 +67,7 @@ def _task(cfg: Any) -> None:
     """The Hydra task of every stage (module level, so submitit can pickle it by reference)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from rlhf_cli import preemption
     from rlhf_cli.stages import AlreadyComplete, open_run
     from rlhf_cli.stages.registry import STAGE_RUNNERS
 
@@ -76,13 +80,20 @@ def _task(cfg: Any) -> None:
         typed = OmegaConf.to_object(cfg)
         typed.output_dir = hydra_cfg.runtime.output_dir
         start = open_run(typed)
-        try:
-            STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
-        except BaseException as exc:
-            start.run.fail(_reason(exc))
-            raise
+        with preemption.signals_recorded():
+            try:
+                STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
+            except preemption.Preempted as stop:
+                start.run.preempt(stop.signal_name, stop.step, stop.checkpoint)
+                preemption.hand_over()  # under submitit: its handler requeues the job and exits
+                raise
+            except BaseException as exc:
+                start.run.fail(_reason(exc))
+                raise
     except AlreadyComplete as done:
         log.info(str(done))
+    except preemption.Preempted as stop:
+        _die(str(stop), EXIT_PREEMPTED)
     except UserError as exc:
         _die(str(exc), exc.exit_code)
     except KeyboardInterrupt:
