@@ -85,7 +85,6 @@ def _task(cfg: Any) -> None:
                 STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
             except preemption.Preempted as stop:
                 start.run.preempt(stop.signal_name, stop.step, stop.checkpoint)
-                preemption.hand_over()  # under submitit: its handler requeues the job and exits
                 raise
             except BaseException as exc:
                 start.run.fail(_reason(exc))
@@ -93,7 +92,9 @@ def _task(cfg: Any) -> None:
     except AlreadyComplete as done:
         log.info(str(done))
     except preemption.Preempted as stop:
-        _die(str(stop), EXIT_PREEMPTED)
+        _report(str(stop))
+        preemption.hand_over()  # under submitit: its handler requeues the job and exits
+        raise SystemExit(EXIT_PREEMPTED)
     except UserError as exc:
         _die(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -109,10 +110,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def _die(message: str, code: int) -> None:
+    _report(message)
+    raise SystemExit(code)
+
+
+def _report(message: str) -> None:
     first = " ".join(message.split())
     sys.stderr.write(f"error: {first}\n")
     sys.stderr.flush()
-    raise SystemExit(code)
 
 
 class _StderrHandler(logging.StreamHandler):

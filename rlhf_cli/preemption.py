@@ -38,16 +38,15 @@ class Preempted(Exception):
 @contextmanager
 def signals_recorded() -> Iterator[None]:
     """While the block runs, SIGUSR1, SIGUSR2 and SIGTERM are recorded instead of acted on."""
-    global _received
+    global _received, _replaced
     _received = None
-    _replaced.update({sig: signal.signal(sig, _record) for sig in SIGNALS})
+    _replaced = {sig: signal.signal(sig, _record) for sig in SIGNALS}
     try:
         yield
     finally:
         for sig, previous in _replaced.items():
             # None: the handler was installed by C code, which Python cannot reinstate; use the default.
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-        _replaced.clear()
 
 
 def _record(signum: int, _frame: Any) -> None:
@@ -62,9 +61,9 @@ def requested() -> Optional[str]:
 
 
 def hand_over() -> None:
-    """Run the handler that `signals_recorded` replaced for the received signal, when it was a Python
-    function: submitit's SIGUSR2 handler requeues the job and exits. Default and ignore dispositions
-    are not actions to take here."""
+    """Run the handler that the last `signals_recorded` block replaced (and reinstated) for the
+    received signal, when it was a Python function: submitit's SIGUSR2 handler requeues the job and
+    exits. Default and ignore dispositions are not actions to take here."""
     previous = _replaced.get(_received) if _received is not None else None
     if callable(previous):
         previous(_received, None)
