@@ -177,6 +177,9 @@ def dispatch(stage: str, args: list[str]) -> None:
     from rlhf_cli.config.user_yaml import yaml_overrides
 
     flags, overrides, conf = split_arguments(args)
+    modes = {"-m", "--multirun", "--cfg", "-c", "--info", "-i"}.intersection(flags)
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(sorted(modes))}: use one of -m/--multirun, --cfg, --info at a time")
     file_overrides = yaml_overrides(conf) if conf else []
     overrides = [o.text for o in file_overrides] + overrides
     register_schemas()

@@ -143,6 +143,31 @@ def test_time_limit_warning_checkpoints_requeues_and_ends_with_the_same_weights(
 
 
 @pytest.mark.slurm
+def test_scancel_stays_cancelled_and_a_requeue_by_slurm_resumes(straight, tmp_path):
+    """SIGTERM checkpoints too, but the template requeues only after the time-limit warning: a
+    scancelled job stays cancelled, and one that SLURM requeues itself (preemption with
+    PreemptMode=REQUEUE; `scontrol requeue` here) resumes."""
+    cancelled = _sbatch(tmp_path, SINGLE_NODE, *ARGS, "output_dir=cancelled")
+    requeued = _sbatch(tmp_path, SINGLE_NODE, *ARGS, "output_dir=requeued")
+    logs = {job: tmp_path / f"slurm-rlhf-{job}.out" for job in (cancelled, requeued)}
+    _wait_until(lambda: all(_log_shows(log, r"^step 1/") for log in logs.values()), "the first step of both jobs")
+    subprocess.run(["scancel", cancelled], check=True)
+    subprocess.run(["scontrol", "requeue", requeued], check=True)
+    _wait_for_job(cancelled)
+    _wait_for_job(requeued)
+
+    text = logs[cancelled].read_text()
+    assert re.search(r"error: stopped by SIGTERM after step \d+", text) and "rlhf exited with status 75" in text, text
+    assert f"job {cancelled}, start 2," not in text
+    assert _manifest(tmp_path / "cancelled")["status"] == "preempted"
+
+    text = logs[requeued].read_text()
+    assert re.search(r"error: stopped by SIGTERM after step \d+", text) and f"job {requeued}, start 2," in text, text
+    assert _manifest(tmp_path / "requeued")["resumed_from"]
+    _assert_same_weights(tmp_path / "requeued", straight)
+
+
+@pytest.mark.slurm
 def test_multi_node_template_on_one_node_passes_the_signal_through_srun_and_torchrun(straight, tmp_path):
     """multi-node.sbatch with --nodes=1 and one process: srun, torchrun's static rendezvous, the
     signal reaching the stage through both, and the requeue on torchrun's exit status."""
