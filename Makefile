@@ -8,6 +8,8 @@ CONSTRAINTS ?= constraints-cpu.txt
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed's one compiled CPU op, kept with this environment (two venvs sharing one cache rebuild it).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test test-slow test-slurm bench clean
 
@@ -35,6 +37,8 @@ test-slurm: install
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/dpo_reference_memory.py
+	$(BIN)/python bench/zero_throughput.py
+	OMP_NUM_THREADS=2 $(BIN)/python bench/lora_memory.py
 
 clean:
 	rm -rf runs outputs multirun wandb .pytest_cache

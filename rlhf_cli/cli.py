@@ -67,7 +67,7 @@ def _task(cfg: Any) -> None:
     """The Hydra task of every stage (module level, so submitit can pickle it by reference)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from rlhf_cli import preemption
+    from rlhf_cli import distributed, preemption
     from rlhf_cli.stages import AlreadyComplete, open_run
     from rlhf_cli.stages.registry import STAGE_RUNNERS
 
@@ -79,6 +79,11 @@ def _task(cfg: Any) -> None:
 
         typed = OmegaConf.to_object(cfg)
         typed.output_dir = hydra_cfg.runtime.output_dir
+        if distributed.launched_world_size() > 1 and typed.deepspeed.stage is None:
+            raise UserError(f"{distributed.launched_world_size()} processes need DeepSpeed: set deepspeed=zero0|zero1|zero2|zero3")
+        distributed.start(backend_needed=typed.deepspeed.stage is not None)
+        if not distributed.is_main():
+            log.setLevel(logging.WARNING)  # one console for the run: process 0's
         start = open_run(typed)
         with preemption.signals_recorded():
             try:
@@ -103,6 +108,8 @@ def _task(cfg: Any) -> None:
         if os.environ.get(DEBUG_ENV):
             raise
         _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
+    finally:
+        distributed.stop()
 
 
 def _reason(exc: BaseException) -> str:
@@ -133,6 +140,10 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging() -> None:
+    import warnings
+
+    # DeepSpeed still calls the torch.distributed collectives torch has renamed: one warning per call site.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logger = logging.getLogger("rlhf")
     if not logger.handlers:
         handler = _StderrHandler()
@@ -183,14 +194,62 @@ def dispatch(stage: str, args: list[str]) -> None:
     file_overrides = yaml_overrides(conf) if conf else []
     overrides = [o.text for o in file_overrides] + overrides
     register_schemas()
-    if "--hydra-help" not in flags:
-        check_overrides(stage, overrides, file_overrides)
+    configs = [] if "--hydra-help" in flags else check_overrides(stage, overrides, file_overrides)
+    nproc = max((c.launcher.nproc for c in configs), default=1)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ and not _inspect_only(flags):
+        raise SystemExit(_relaunch(stage, args, nproc))
     if any(flag in ("-m", "--multirun") for flag in flags):
         # Name each sweep job's directory after the keys the sweep varies, not every override.
         fixed = ["resume", "logger", "output_dir"] + fixed_keys(overrides)
         overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]")
     sys.argv = [f"rlhf {stage}", *flags, *overrides]
     hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=stage, version_base="1.3")(_task)()
+
+
+def _inspect_only(flags: list[str]) -> bool:
+    """Flags that print something and run nothing."""
+    return any(flag in ("--cfg", "-c", "--info", "-i", "--hydra-help", "--help", "-h") for flag in flags)
+
+
+def _relaunch(stage: str, args: list[str], nproc: int) -> int:
+    """launcher.nproc=N: the same command as N processes of one run on this node. Each sees RANK,
+    WORLD_SIZE and a shared rendezvous; the first that fails stops the others and gives the exit
+    code (its own `error:` line is already printed). Signals to this process (scancel, a SLURM
+    time-limit warning) are passed on to all of them."""
+    import signal
+    import subprocess
+    import time
+
+    from rlhf_cli.distributed import free_port
+
+    shared = {"RLHF_RUN_ID": os.environ.get("RLHF_RUN_ID", time.strftime("%Y-%m-%d_%H-%M-%S")), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "rlhf_cli", stage, *args],
+                         env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+        for rank in range(nproc)
+    ]
+
+    def forward(signum: int, _frame: Any) -> None:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(signum, forward)
+    while True:
+        codes = [process.poll() for process in processes]
+        failed = [code for code in codes if code not in (None, 0)]
+        if failed:
+            for process in processes:
+                if process.poll() is None:
+                    process.terminate()
+            for process in processes:
+                process.wait()
+            return failed[0]
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(0.2)
 
 
 def _stage_epilog(stage: str) -> str:

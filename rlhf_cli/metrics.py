@@ -58,9 +58,16 @@ class Throughput:
 
 
 class MetricsLogger:
+    """Process 0 of a run logs; on the others every method does nothing."""
+
     def __init__(self, run_path: Path, cfg: Any, total_steps: int, start_step: int):
+        from rlhf_cli import distributed
+
         self.total_steps = total_steps
         self.path = run_path / "metrics.jsonl"
+        self.active = distributed.is_main()
+        if not self.active:
+            return
         truncate_metrics(self.path, start_step)
         self._file = self.path.open("a", encoding="utf-8")
         self._wandb = _init_wandb(run_path, cfg) if Logger.wandb in cfg.logger else None
@@ -82,6 +89,8 @@ class MetricsLogger:
             self._progress.start()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
         clean = {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
         self._file.flush()
@@ -101,10 +110,12 @@ class MetricsLogger:
                 self._progress.update(self._task, info=format_metrics(train_view))
 
     def advance(self, step: int) -> None:
-        if self._progress is not None:
+        if self.active and self._progress is not None:
             self._progress.update(self._task, completed=step)
 
     def close(self) -> None:
+        if not self.active:
+            return
         if self._progress is not None:
             self._progress.stop()
         self._file.close()

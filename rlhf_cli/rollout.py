@@ -31,30 +31,34 @@ def generate(
     top_p: float = 1.0,
     generator_seed: Optional[int] = None,
 ) -> list[list[int]]:
-    """Completions for `prompts`; greedy when temperature is 0."""
+    """Completions for `prompts`; greedy when temperature is 0. Under ZeRO-3 the weights are gathered
+    once for the whole call, not once per generated token."""
+    from rlhf_cli.engine.zero import full_weights
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     completions: list[list[int]] = []
     sampling = temperature > 0
     try:
-        for start in range(0, len(prompts), batch_size):
-            input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
-            if sampling and generator_seed is not None:
-                torch.manual_seed(generator_seed + start)
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=sampling,
-                temperature=temperature if sampling else None,
-                top_p=top_p if sampling else None,
-                top_k=0 if sampling else None,
-                eos_token_id=sorted(stop_ids),
-                pad_token_id=pad_id,
-            )
-            for row in output[:, input_ids.size(1) :].tolist():
-                completions.append(_cut_at_stop(row, stop_ids))
+        with full_weights(model):
+            for start in range(0, len(prompts), batch_size):
+                input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
+                if sampling and generator_seed is not None:
+                    torch.manual_seed(generator_seed + start)
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sampling,
+                    temperature=temperature if sampling else None,
+                    top_p=top_p if sampling else None,
+                    top_k=0 if sampling else None,
+                    eos_token_id=sorted(stop_ids),
+                    pad_token_id=pad_id,
+                )
+                for row in output[:, input_ids.size(1) :].tolist():
+                    completions.append(_cut_at_stop(row, stop_ids))
     finally:
         model.train(was_training)
     return completions

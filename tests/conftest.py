@@ -1,10 +1,13 @@
 import os
+import sys
 
 # Set before torch or wandb are imported anywhere in the test session.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles its CPU communication op once per environment; keep it with this one.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import json
 from pathlib import Path

@@ -89,11 +89,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries only (unbiased variance); masked-out entries become 0."""
-    mean = masked_mean(values, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=lambda x: x) -> torch.Tensor:
+    """(x - mean) / std over the masked entries only (unbiased variance); masked-out entries become 0.
+    `total` sums a tensor over the processes of a run, so that each whitens with the whole step's statistics."""
+    sums = total(torch.stack([(values * mask).sum(), mask.sum()]))
+    mean = sums[0] / sums[1].clamp(min=1)
     centred = (values - mean) * mask
-    variance = (centred**2).sum() / (mask.sum() - 1).clamp(min=1)
+    variance = total((centred**2).sum()) / (sums[1] - 1).clamp(min=1)
     return centred * torch.rsqrt(variance + eps)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -191,7 +191,9 @@ def validate(cfg: Any) -> None:
     lora = cfg.model.lora
     checks = [
         ("model.lora.r", lora.r >= 0, "must be non-negative (0: no LoRA)"),
-        ("model.lora.r", lora.r == 0 or cfg.stage != "train-rm", "LoRA is not available for train-rm yet (its new score head trains in full); set it to 0"),
+        ("model.lora.merge", lora.r == 0 or lora.merge or cfg.model.path != "tiny",
+         "saves only the adapter, but the base weights of model.path=tiny are drawn from train.seed and saved nowhere; "
+         "start from a saved model or keep model.lora.merge=true"),
         ("model.lora.alpha", lora.alpha > 0, "must be positive"),
         ("model.lora.dropout", 0 <= lora.dropout < 1, "must be in [0, 1)"),
         ("train.batch_size", t.batch_size >= 1, "must be at least 1"),
@@ -212,6 +214,15 @@ def validate(cfg: Any) -> None:
         ("data.eval_size", d.eval_size >= 0, "must be non-negative"),
         ("eval.max_samples", e.max_samples >= 0, "must be non-negative"),
         ("eval.batch_size", e.batch_size >= 1, "must be at least 1"),
+    ]
+    ds, nproc = cfg.deepspeed, cfg.launcher.nproc
+    checks += [
+        ("deepspeed.stage", ds.stage is None or 0 <= ds.stage <= 3, "must be 0, 1, 2 or 3 (or null: no DeepSpeed)"),
+        ("deepspeed.offload_optimizer", not ds.offload_optimizer or (ds.stage or 0) >= 1, "needs deepspeed.stage 1, 2 or 3"),
+        ("deepspeed.offload_params", not ds.offload_params or ds.stage == 3, "needs deepspeed.stage 3"),
+        ("deepspeed.config", ds.config is None or ds.stage is not None, "needs a ZeRO stage (deepspeed=zero0..zero3)"),
+        ("launcher.nproc", nproc >= 1, "must be at least 1"),
+        ("launcher.nproc", nproc == 1 or ds.stage is not None, "more than one process needs DeepSpeed: set deepspeed=zero0|zero1|zero2|zero3"),
     ]
     if hasattr(e, "generate"):
         checks += [
@@ -256,6 +267,7 @@ def validate(cfg: Any) -> None:
             ("ppo.reward_clip", p.reward_clip > 0, "must be positive"),
             ("critic.lr", cfg.critic.lr > 0, "must be positive"),
             ("ppo.critic_warmup_steps", p.critic_warmup_steps >= 0, "must be non-negative"),
+            ("ppo.offload_frozen", not p.offload_frozen or ds.stage != 3, "does not combine with ZeRO-3, which partitions the frozen models; use deepspeed.offload_params"),
         ]
     if hasattr(cfg, "grpo"):
         g = cfg.grpo
@@ -269,6 +281,8 @@ def validate(cfg: Any) -> None:
     for key, ok, rule in checks:
         if not ok:
             raise UserError(f"{key}: {_lookup(cfg, key)!r} {rule}")
+    if ds.config is not None and not os.path.isfile(ds.config):
+        raise UserError(f"deepspeed.config: '{ds.config}' is not a file")
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         raise UserError(f"resume: '{cfg.resume}' is not auto, never, or an existing checkpoint directory")
     if not cfg.output_dir:
@@ -285,7 +299,7 @@ def check_sources(cfg: Any) -> None:
     """Local model and data paths that do not exist, and unknown built-in sets, before anything starts."""
     from rlhf_cli.data.builtin import BUILTINS
     from rlhf_cli.data.sources import BUILTIN_PREFIX, looks_local
-    from rlhf_cli.models import TINY
+    from rlhf_cli.models import ADAPTER_CONFIG, TINY, adapter_base_config
 
     if cfg.model.path is None:
         if not hasattr(cfg, "from_run"):
@@ -299,8 +313,12 @@ def check_sources(cfg: Any) -> None:
             continue
         if looks_local(path) and not os.path.isdir(path):
             raise UserError(f"{key}: '{path}' is not an existing directory (nor a hub id)")
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", ADAPTER_CONFIG)):
             raise UserError(f"{key}: '{path}' has no config.json here, so it is not a model directory")
+        try:
+            adapter_base_config(replace(cfg.model, path=path))
+        except UserError as exc:
+            raise UserError(f"{key}: {exc}") from None
     sources = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
     if getattr(cfg.eval, "accuracy_data", None):
         sources.append(("eval.accuracy_data", cfg.eval.accuracy_data))

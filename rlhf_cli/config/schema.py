@@ -98,6 +98,7 @@ class LoraKeys:
     alpha: float = _key(16.0, "LoRA scaling numerator (the update is scaled by alpha / r)")
     dropout: float = _key(0.0, "dropout on the LoRA path")
     target_modules: List[str] = _key(["all-linear"], "modules that get adapters: all-linear, or names such as q_proj, v_proj")
+    merge: bool = _key(True, "final/ holds the adapters merged into full weights; false: the adapter alone, loaded on its base")
 
 
 @dataclass
@@ -171,6 +172,21 @@ class WandbConfig:
 
 
 @dataclass
+class DeepSpeedKeys:
+    """Set as a group: deepspeed=none|zero0|zero1|zero2|zero3|zero3_offload (conf/deepspeed/), then keys."""
+
+    stage: Optional[int] = _key(None, "ZeRO stage 0-3 under DeepSpeed; null: plain PyTorch, one process")
+    offload_optimizer: bool = _key(False, "optimizer state in CPU memory (ZeRO 1-3)")
+    offload_params: bool = _key(False, "parameters in CPU memory between uses (ZeRO 3)")
+    config: Optional[str] = _key(None, "your own DeepSpeed JSON: checked against the one generated from these keys, then used")
+
+
+@dataclass
+class LauncherKeys:
+    nproc: int = _key(1, "processes on this node; more than 1 re-runs the stage under torchrun (needs deepspeed)")
+
+
+@dataclass
 class StageConfig:
     """Keys every stage shares."""
 
@@ -183,6 +199,8 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    deepspeed: DeepSpeedKeys = field(default_factory=DeepSpeedKeys)
+    launcher: LauncherKeys = field(default_factory=LauncherKeys)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Deterministic, resumable batching and padding.
 
-The samples of optimizer step k depend only on (seed, k): sample position p = k·B·A + j reads
-element p mod n of the permutation drawn for epoch p div n. Resuming at step k therefore needs no
-saved sampler state, and a resumed run sees exactly the samples an uninterrupted one would.
+The samples of optimizer step k depend only on (seed, k): sample position p = k·B·A·W + j reads
+element p mod n of the permutation drawn for epoch p div n (B micro-batch, A accumulation steps,
+W processes). Resuming at step k therefore needs no saved sampler state, and a resumed run sees
+exactly the samples an uninterrupted one would. Process r takes the r-th B·A of the step's
+samples, so W processes with micro-batch B see the same steps as one process with B·W.
 """
 
 from __future__ import annotations
@@ -16,21 +18,26 @@ from rlhf_cli.data.tokenize import TokenizedSample
 
 class StepBatches:
     def __init__(self, samples: Sequence, batch_size: int, grad_accum: int, seed: int):
+        from rlhf_cli import distributed
+
         self.samples = samples
         self.batch_size = batch_size
         self.grad_accum = grad_accum
         self.seed = seed
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self._epoch = -1
         self._order: list[int] = []
 
     @property
     def samples_per_step(self) -> int:
-        return self.batch_size * self.grad_accum
+        """Samples of one optimizer step, all processes together."""
+        return self.batch_size * self.grad_accum * self.world_size
 
     def micro_batches(self, step: int) -> list[list]:
-        """The grad_accum micro-batches of optimizer step `step` (0-based)."""
-        start = step * self.samples_per_step
-        chosen = [self.samples[self._index(p)] for p in range(start, start + self.samples_per_step)]
+        """This process's grad_accum micro-batches of optimizer step `step` (0-based)."""
+        share = self.batch_size * self.grad_accum
+        start = step * self.samples_per_step + self.rank * share
+        chosen = [self.samples[self._index(p)] for p in range(start, start + share)]
         return [chosen[i : i + self.batch_size] for i in range(0, len(chosen), self.batch_size)]
 
     def _index(self, position: int) -> int:

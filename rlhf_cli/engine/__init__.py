@@ -1,8 +1,10 @@
 """The training engine: the seam between a stage loop and the machinery that updates weights.
 
-A stage calls `autocast()`, `backward(loss)`, `step()` and reads `lr`; checkpoints go through
-`state_dict()`/`load_state_dict()`. This plain-PyTorch engine holds fp32 master weights and runs the
-forward in bf16/fp16 autocast when asked. A DeepSpeed engine will implement the same methods.
+A stage calls `autocast()`, `backward(loss)`, `step()` and reads `lr`, and gets its engine from
+`make_engine`: this plain-PyTorch one (one process, fp32 master weights, bf16/fp16 autocast when
+asked) or, with `deepspeed.stage` set, the DeepSpeed one in `engine/zero.py`. A checkpoint of a
+plain engine is the model's weights plus `state_dict()`; a DeepSpeed engine (`owns_weights`) saves
+and loads its own sharded checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +16,23 @@ from typing import Any
 import torch
 
 
+def make_engine(model: torch.nn.Module, cfg: Any, total_steps: int, train_cfg: Any = None, name: str = "model"):
+    """The engine the stage config asks for; `train_cfg` replaces cfg.train (a critic's own lr), `name`
+    tells a run's DeepSpeed engines apart in a checkpoint."""
+    from rlhf_cli.models import resolve_dtype
+
+    train_cfg = train_cfg or cfg.train
+    dtype = resolve_dtype(cfg.model.dtype.value)
+    if cfg.deepspeed.stage is None:
+        return TorchEngine(model, train_cfg, total_steps, dtype)
+    from rlhf_cli.engine.zero import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, train_cfg, total_steps, dtype, cfg.deepspeed, name)
+
+
 class TorchEngine:
+    owns_weights = False
+
     def __init__(self, model: torch.nn.Module, train_cfg: Any, total_steps: int, compute_dtype: torch.dtype):
         self.model = model
         self.max_grad_norm = train_cfg.max_grad_norm

@@ -1,16 +1,27 @@
-"""Model and tokenizer loading: a hub id, a local directory, or the built-in `tiny` preset."""
+"""Model and tokenizer loading: a hub id, a local directory, or the built-in `tiny` preset.
+
+A local directory may also hold a LoRA adapter alone (an adapter-only `final/`, `model.lora.merge=false`):
+it loads as its base model with the adapter merged in, so every stage can start from it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from rlhf_cli.data.sources import looks_local
 from rlhf_cli.errors import UserError
+from rlhf_cli.runs import RunDir
+
+log = logging.getLogger("rlhf")
 
 TINY = "tiny"
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
+ADAPTER_CONFIG = "adapter_config.json"  # what peft writes beside an adapter's weights
 
 # The fallback template for tokenizers that ship none (base models): one turn per block, each closed
 # by the tokenizer's EOS so that the trained end-of-turn is the token generation stops at.
@@ -23,10 +34,14 @@ FALLBACK_CHAT_TEMPLATE = (
 
 
 def default_device():
-    """The accelerator when there is one, else the CPU (the plain engine runs on one device)."""
+    """This process's accelerator (cuda:LOCAL_RANK under a launcher) when there is one, else the CPU."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(name: str):
@@ -41,6 +56,9 @@ def load_tokenizer(model_cfg: Any):
     """The tokenizer of `model.path`, with a pad token distinct from EOS and a chat template."""
     from transformers import AutoTokenizer
 
+    base = adapter_base_config(model_cfg)
+    if base is not None and not (Path(model_cfg.path) / "tokenizer_config.json").is_file():
+        return load_tokenizer(base)  # an adapter saved without its tokenizer uses its base's
     source = str(TINY_DIR) if model_cfg.path == TINY else model_cfg.path
     tokenizer = _from_pretrained(AutoTokenizer, source, model_cfg)
     if tokenizer.eos_token is None:
@@ -58,6 +76,9 @@ def load_causal_lm(model_cfg: Any, tokenizer, seed: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    base = adapter_base_config(model_cfg)
+    if base is not None:
+        return _merge_adapter(model_cfg.path, lambda: load_causal_lm(base, tokenizer, seed))
     kwargs = {"attn_implementation": model_cfg.attn_implementation, "dtype": torch.float32}
     if model_cfg.path == TINY:
         config = AutoConfig.from_pretrained(TINY_DIR, **kwargs)
@@ -73,22 +94,33 @@ def load_causal_lm(model_cfg: Any, tokenizer, seed: int):
     return model
 
 
-def apply_lora(model, lora_cfg: Any):
-    """The model with LoRA adapters (peft) on `lora_cfg.target_modules` when `lora_cfg.r > 0`, else as is.
-    Only the adapters train; the base weights are frozen."""
+def apply_lora(model, model_cfg: Any, task_type: str = "CAUSAL_LM"):
+    """The model with LoRA adapters (peft) on `model.lora.target_modules` when `model.lora.r > 0`, else as is.
+
+    Only the adapters train; the base weights are frozen. With task_type SEQ_CLS (a reward model) peft
+    also trains the `score` head in full (its `modules_to_save`): a new head has nothing to adapt.
+    """
+    lora_cfg = model_cfg.lora
     if lora_cfg.r == 0:
         return model
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UserError('model.lora.r > 0 needs peft: pip install -e ".[lora]" (or pip install peft)') from None
+    if not lora_cfg.merge and adapter_base_config(model_cfg) is not None:
+        # transformers loads an adapter whose base is a model directory or hub id, not one whose base is
+        # another adapter; a final/ of that form would load only through this package.
+        raise UserError(
+            f"model.lora.merge=false: the start model {model_cfg.path} is itself a LoRA adapter, so an adapter "
+            "trained on top of it would not load with from_pretrained; set model.lora.merge=true"
+        )
+    peft = _import_peft("model.lora.r > 0")
     targets = lora_cfg.target_modules
-    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=targets[0] if targets == ["all-linear"] else list(targets), task_type="CAUSAL_LM")
+    config = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                             target_modules=targets[0] if targets == ["all-linear"] else list(targets), task_type=task_type)
     try:
-        return get_peft_model(model, config)
+        adapted = peft.get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"model.lora.target_modules: {list(targets)}: {exc}") from None
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    log.info(f"LoRA r={lora_cfg.r}: {trainable:,} trainable parameters of {count_parameters(adapted):,}")
+    return adapted
 
 
 class AdapterDisabled:
@@ -107,8 +139,6 @@ class AdapterDisabled:
 
 def load_reference(model_cfg: Any, path: str, policy, tokenizer, seed: int, device):
     """The frozen reference: the LoRA policy's base when it starts from the same weights, else a model of its own."""
-    import dataclasses
-
     if model_cfg.lora.r > 0 and path == model_cfg.path:
         return AdapterDisabled(policy)
     reference = load_causal_lm(dataclasses.replace(model_cfg, path=path), tokenizer, seed=seed)
@@ -118,6 +148,88 @@ def load_reference(model_cfg: Any, path: str, policy, tokenizer, seed: int, devi
 def without_adapters(model):
     """The model to save as final/: LoRA adapters merged into the base weights (plain transformers)."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def base_model_reference(path: str) -> str:
+    """How an adapter names its base: an absolute path for a local directory, so it loads from any working directory."""
+    return str(Path(path).resolve()) if Path(path).is_dir() else path
+
+
+def save_adapter(model, directory: Path, model_cfg: Any) -> None:
+    """The LoRA adapter alone (adapter_config.json, adapter_model.safetensors), naming `model.path` as its base.
+
+    Plain transformers loads such a directory (with peft installed) by loading the base it names and
+    injecting the adapter, and so does every stage here (merged). Two bases cannot be named this way,
+    so they are refused before training: the built-in `tiny` model, whose weights are drawn from
+    `train.seed` and exist on no disk (config validation), and a start model that is itself an adapter
+    (`apply_lora`), which transformers cannot load as a base.
+    """
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = base_model_reference(model_cfg.path)
+    config.revision = model_cfg.revision
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def adapter_base_config(model_cfg: Any) -> Optional[Any]:
+    """The model config of the base of the LoRA adapter in directory `model_cfg.path`; None when it holds no adapter.
+
+    The adapter must still fit its base: when both are final/ of runs here, the adapter's manifest
+    records the base run's id, and a base trained again since is refused.
+    """
+    path = model_cfg.path
+    if path is None or path == TINY or not (Path(path) / ADAPTER_CONFIG).is_file():
+        return None
+    config_file = Path(path) / ADAPTER_CONFIG
+    try:
+        recorded = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{config_file}: not JSON") from None
+    base = recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
+    if not base:
+        raise UserError(f"{config_file}: names no base_model_name_or_path, so the adapter cannot be loaded")
+    if looks_local(base) and not Path(base).is_dir():
+        raise UserError(f"{path}: a LoRA adapter of {base}, which is not an existing directory (restore the base model there)")
+    trained_on = _manifest_of_final(path).get("base_model") or {}
+    base_now = _manifest_of_final(base)
+    if trained_on.get("run_id") and base_now.get("run_id") and trained_on["run_id"] != base_now["run_id"]:
+        raise UserError(
+            f"{path}: a LoRA adapter trained on {base} as it was at {trained_on.get('finished_at')}, since rerun "
+            f"({base_now.get('finished_at')}); the adapter no longer fits its base: train it again from the new one"
+        )
+    return dataclasses.replace(model_cfg, path=base, revision=recorded.get("revision"))
+
+
+def _manifest_of_final(path: str) -> dict[str, Any]:
+    """The manifest of the run whose final/ `path` is; empty for any other directory."""
+    return (RunDir(Path(path).parent).read_manifest() or {}) if Path(path).name == "final" else {}
+
+
+def _merge_adapter(adapter_dir: str, load_base: Callable[[], Any]):
+    """The model `load_base()` returns with the LoRA adapter of `adapter_dir` merged into its weights,
+    every weight trainable again."""
+    peft = _import_peft(f"{adapter_dir} (a LoRA adapter)")
+    try:
+        base_model = load_base()
+    except UserError as exc:
+        raise UserError(f"{adapter_dir}: the base model of this LoRA adapter does not load: {exc}") from None
+    config = peft.PeftConfig.from_pretrained(adapter_dir)
+    # The generic PeftModel (no task type) applies an adapter under any head, so a causal-LM adapter
+    # (an adapter-only sft/final) also starts a reward model.
+    config.task_type = None
+    try:
+        merged = peft.PeftModel.from_pretrained(base_model, adapter_dir, config=config).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"{adapter_dir}: the LoRA adapter does not fit its base model: {str(exc).strip().splitlines()[0]}") from None
+    # peft loads an adapter for inference and freezes the base; the caller decides what trains.
+    return merged.requires_grad_(True)
+
+
+def _import_peft(needed_by: str):
+    try:
+        import peft
+    except ImportError:
+        raise UserError(f'{needed_by} needs peft: pip install -e ".[lora]" (or pip install peft)') from None
+    return peft
 
 
 def load_reward_model(model_cfg: Any, tokenizer, seed: int):
@@ -131,6 +243,10 @@ def load_reward_model(model_cfg: Any, tokenizer, seed: int):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    base = adapter_base_config(model_cfg)
+    if base is not None:
+        # The base gets its head first (fresh, or its own); a reward model's adapter carries its trained head.
+        return _merge_adapter(model_cfg.path, lambda: load_reward_model(base, tokenizer, seed))
     kwargs = {"attn_implementation": model_cfg.attn_implementation, "dtype": torch.float32, "num_labels": 1}
     if model_cfg.path == TINY:
         config = AutoConfig.from_pretrained(TINY_DIR, **kwargs)
@@ -162,8 +278,8 @@ def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
         raise UserError(f"model.path={source}: no such directory")
     if local.exists() and not local.is_dir():
         raise UserError(f"model.path={source}: not a directory (a model directory holds config.json)")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise UserError(f"model.path={source}: no config.json here, so not a model directory")
+    if local.is_dir() and not (local / "config.json").is_file() and not (local / ADAPTER_CONFIG).is_file():
+        raise UserError(f"model.path={source}: no config.json (nor {ADAPTER_CONFIG}) here, so not a model directory")
     try:
         return factory.from_pretrained(
             source,
@@ -198,4 +314,5 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """All parameters, also those ZeRO-3 has partitioned away (ds_numel is a parameter's full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -3,7 +3,7 @@
 ```
 <output_dir>/
   manifest.json     stage, status (running | completed | failed | preempted), times, resolved config, parents,
-                    final metrics, library versions
+                    parameters (total, trainable), final metrics and format, library versions
   config.yaml       the resolved config
   metrics.jsonl     one JSON object per logged step
   checkpoints/step-N/   full training state for an exact resume
@@ -53,22 +53,35 @@ def write_json_atomic(path: Path, value: Any) -> None:
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `target` only once the block finishes."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Yield a temporary directory that replaces `target` only once the block finishes. Every process
+    of a run enters it: process 0 makes and publishes the directory, each writes its part in between."""
+    from rlhf_cli import distributed
+
+    tmp = target.with_name(f".{target.name}.tmp-{distributed.job_token()}")
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        distributed.barrier()
+        if distributed.is_main():
+            _publish(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    _fsync_tree(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -145,10 +158,14 @@ class RunDir:
                 target.unlink()
 
     def begin(self, stage: str, config: dict[str, Any], config_yaml: str, parents: dict[str, Any],
-              resumed_from: Optional[str], overrides: list[str]) -> None:
+              resumed_from: Optional[str], overrides: list[str], parameters: dict[str, int]) -> None:
+        """Record the run as running (process 0 writes the manifest; the others only keep it)."""
+        from rlhf_cli import distributed
+
         self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path / CONFIG, config_yaml)
         previous = self.read_manifest() or {}
+        if distributed.is_main():
+            write_text_atomic(self.path / CONFIG, config_yaml)
         self._manifest = {
             "stage": stage,
             # New for every fresh start, kept across resumes: what a later stage records as its parent.
@@ -160,27 +177,36 @@ class RunDir:
             "config": redact(config),
             "overrides": overrides,
             "parents": parents,
+            "parameters": parameters,  # total and trainable (LoRA trains a few)
             "resumed_from": resumed_from,
             "final": None,
             "final_metrics": None,
             "versions": library_versions(),
         }
-        write_json_atomic(self.manifest_path, self._manifest)
+        self.update()
 
     def update(self, **fields: Any) -> None:
+        from rlhf_cli import distributed
+
         self._manifest.update(fields, updated_at=_now())
-        write_json_atomic(self.manifest_path, self._manifest)
+        if distributed.is_main():
+            write_json_atomic(self.manifest_path, self._manifest)
 
     def save_checkpoint(self, step: int, write: Any, keep: int) -> Path:
+        """Every process of the run calls this; `write` writes that process's part."""
+        from rlhf_cli import distributed
+
         target = self.path / CHECKPOINTS / f"step-{step}"
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(target) as tmp:
             write(tmp)
-        for _, old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if distributed.is_main():
+            for _, old in self.checkpoints()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
         return target
 
     def save_final(self, write: Any) -> Path:
+        """Every process of the run calls this; `write` writes that process's part."""
         with atomic_directory(self.final_path) as tmp:
             write(tmp)
         return self.final_path

@@ -149,17 +149,22 @@ def due(every: int, done: int, total: int) -> bool:
 def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: dict[str, Any], overrides: list[str]) -> int:
     """Restore the checkpoint to resume from (or clear an earlier run for resume=never), record the
     manifest as running, and return the step training starts at."""
+    from rlhf_cli import distributed
+    from rlhf_cli.models import count_parameters
     from rlhf_cli.runs.checkpoint import load_training_state
 
     start_step = 0
     if start.checkpoint is not None:
         start_step = load_training_state(start.checkpoint, model, engine)["step"]
         log.info(f"resuming from {start.checkpoint} (step {start_step})")
-    elif cfg.resume == "never":
+    elif cfg.resume == "never" and distributed.is_main():
         start.run.start_fresh()
+    distributed.barrier()  # every process has read what it resumes from before anything is replaced
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     start.run.begin(
         cfg.stage, start.config, start.config_yaml, parents=parents,
         resumed_from=str(start.checkpoint) if start.checkpoint else None, overrides=overrides,
+        parameters={"total": count_parameters(model), "trainable": trainable},
     )
     return start_step
 
@@ -184,14 +189,30 @@ def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: An
                                      keep=cfg.train.keep_checkpoints)
 
 
-def finish(start: RunStart, model: Any, tokenizer: Any, final_metrics: dict[str, Any], **extra: Any) -> None:
-    """Write final/ (model and tokenizer, safetensors; LoRA adapters merged) and mark the run completed."""
+def finish(cfg: Any, start: RunStart, model: Any, tokenizer: Any, final_metrics: dict[str, Any], **extra: Any) -> None:
+    """Write final/ (safetensors and the tokenizer) and mark the run completed. final/ holds full weights,
+    LoRA adapters merged in, or with model.lora.merge=false the adapter alone; the manifest says which
+    (`final_format`) and, for an adapter, which base it was trained on (`base_model`). Every process
+    calls it (ZeRO-3 gathers the partitions for the save); process 0 writes."""
+    from rlhf_cli import distributed
+    from rlhf_cli.engine.zero import full_weights
+    from rlhf_cli.models import base_model_reference, save_adapter, without_adapters
 
-    from rlhf_cli.models import without_adapters
+    adapter_only = cfg.model.lora.r > 0 and not cfg.model.lora.merge
 
     def write_final(directory: Path) -> None:
-        without_adapters(model).save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
+        with full_weights(model):
+            if not distributed.is_main():
+                return
+            if adapter_only:
+                save_adapter(model, directory, cfg.model)
+            else:
+                without_adapters(model).save_pretrained(directory, safe_serialization=True)
+            tokenizer.save_pretrained(directory)
 
     start.run.save_final(write_final)
-    start.run.complete(final_metrics, **extra)
+    if adapter_only:
+        final_format = {"final_format": "adapter", "base_model": describe_model_source(base_model_reference(cfg.model.path))}
+    else:
+        final_format = {"final_format": "merged"}
+    start.run.complete(final_metrics, **final_format, **extra)

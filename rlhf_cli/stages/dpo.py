@@ -28,7 +28,9 @@ from rlhf_cli.algos.losses import sequence_logprobs
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.preferences import to_preference_groups
 from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
-from rlhf_cli.engine import TorchEngine
+from rlhf_cli import distributed
+from rlhf_cli.engine import make_engine
+from rlhf_cli.engine.zero import frozen_for_inference
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import answer_accuracy, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
@@ -41,7 +43,6 @@ from rlhf_cli.models import (
     load_causal_lm,
     load_reference,
     load_tokenizer,
-    resolve_dtype,
 )
 from rlhf_cli.runs import REFERENCE_CACHE
 from rlhf_cli.stages import (
@@ -87,14 +88,14 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     cfg.model.path = start_model_path(cfg)
     variant = VARIANTS[cfg.dpo.loss.value]
     tokenizer = load_tokenizer(cfg.model)
-    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
+    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model)
     device = default_device()
     policy.to(device)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     reference_path = cfg.ref.path or cfg.model.path
     reference = None
     if variant.uses_reference:
-        reference = load_reference(cfg.model, reference_path, policy, tokenizer, cfg.train.seed, device)
+        reference = frozen_for_inference(load_reference(cfg.model, reference_path, policy, tokenizer, cfg.train.seed, device), cfg)
 
     # 2. Data: preference rows -> pairs of token ids; rows with answers for generation accuracy.
     train_rows, eval_rows = split_rows(cfg.data)
@@ -105,7 +106,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     total_steps = plan_steps(cfg.train, len(train_pairs), batches.samples_per_step)
 
     # 3. Engine, the state to resume from, and the cached reference log-probabilities.
-    engine = TorchEngine(policy, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
+    engine = make_engine(policy, cfg, total_steps)
     parents = {"model": describe_model_source(cfg.model.path)}
     if variant.uses_reference:
         parents["reference"] = describe_model_source(reference_path)
@@ -166,8 +167,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         throughput = Throughput()
         for step in range(start_step, total_steps):
             micro_batches = batches.micro_batches(step)
-            pairs_in_step = sum(len(mb) for mb in micro_batches)
-            chosen_tokens_in_step = sum(len(p.chosen) for mb in micro_batches for p in mb)
+            pairs_in_step = distributed.total(sum(len(mb) for mb in micro_batches))
+            chosen_tokens_in_step = distributed.total(sum(len(p.chosen) for mb in micro_batches for p in mb))
             lr = engine.lr
             sums = torch.zeros(8, device=device)
             for pairs in micro_batches:
@@ -194,12 +195,12 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             metrics.advance(done)
 
             if done % cfg.train.log_every == 0 or done == total_steps:
-                loss_sum, nll_sum, chosen, rejected, wins, logp_chosen, logp_rejected, n = sums.tolist()
+                loss_sum, nll_sum, chosen, rejected, wins, logp_chosen, logp_rejected, n = distributed.total(sums).tolist()
                 last = {
                     "loss": loss_sum, "nll": nll_sum, "rewards/chosen": chosen / n, "rewards/rejected": rejected / n,
                     "rewards/accuracy": wins / n, "rewards/margin": (chosen - rejected) / n,
                     "logps/chosen": logp_chosen / n, "logps/rejected": logp_rejected / n,
-                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": throughput.read(),
+                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": distributed.total(throughput.read()),
                 }
                 metrics.log(done, last)
             if due(cfg.train.eval_every, done, total_steps) and (eval_pairs or answer_examples):
@@ -214,7 +215,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-    finish(start, policy, tokenizer, final_metrics)
+    finish(cfg, start, policy, tokenizer, final_metrics)
     return final_metrics
 
 
@@ -264,6 +265,7 @@ def _reference_cache(run_path: Path, reference, splits: dict[str, list[Pair]], p
                      device: torch.device) -> dict[str, torch.Tensor]:
     """Summed reference log-probabilities of every pair, computed once and kept in the run directory."""
     path = run_path / REFERENCE_CACHE
+    distributed.barrier()  # every process decides on the same file: under ZeRO-3 they score together
     sizes = {f"{split}_{side}": len(pairs) for split, pairs in splits.items() for side in ("chosen", "rejected")}
     if path.is_file():
         cache = load_file(str(path))
@@ -279,8 +281,9 @@ def _reference_cache(run_path: Path, reference, splits: dict[str, list[Pair]], p
             rejected.append(scored.rejected_sum.cpu())
         cache[f"{split}_chosen"] = torch.cat(chosen) if chosen else torch.zeros(0)
         cache[f"{split}_rejected"] = torch.cat(rejected) if rejected else torch.zeros(0)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(cache, str(tmp))
-    os.replace(tmp, path)
+    if distributed.is_main():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(cache, str(tmp))
+        os.replace(tmp, path)
     log.info(f"reference log-probabilities of {sum(len(p) for p in splits.values())} pairs cached in {path}")
     return cache

@@ -24,7 +24,9 @@ from rlhf_cli.algos.policy import ADVANTAGES, KL_ESTIMATORS, aggregate_loss, cli
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.sources import load_rows
 from rlhf_cli.data.tokenize import EncodedPrompt, TokenizedSample, encode_prompts, stop_token_ids
-from rlhf_cli.engine import TorchEngine
+from rlhf_cli import distributed
+from rlhf_cli.engine import make_engine
+from rlhf_cli.engine.zero import frozen_for_inference
 from rlhf_cli.evaluation import answer_accuracy, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import (
@@ -35,9 +37,8 @@ from rlhf_cli.models import (
     load_causal_lm,
     load_reference,
     load_tokenizer,
-    resolve_dtype,
 )
-from rlhf_cli.rewards import build_rewards, score
+from rlhf_cli.rewards import RewardModel, build_rewards, score
 from rlhf_cli.rollout import Sampler, make_sampler
 from rlhf_cli.stages import (
     RunStart,
@@ -62,6 +63,7 @@ class Rollout:
     advantages: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor | None  # (B, T-1), when mu > 1
     ref_logprobs: torch.Tensor | None  # (B, T-1), when beta > 0
+    kept: int  # rows in the loss; rows of filtered groups stay in the batch with an empty loss mask
 
 
 def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
@@ -70,15 +72,18 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     cfg.model.path = start_model_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
+    policy = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model)
     device = default_device()
     policy.to(device)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     reference_path = cfg.ref.path or cfg.model.path
     reference = None
     if g.beta > 0:
-        reference = load_reference(cfg.model, reference_path, policy, tokenizer, cfg.train.seed, device)
+        reference = frozen_for_inference(load_reference(cfg.model, reference_path, policy, tokenizer, cfg.train.seed, device), cfg)
     rewards = build_rewards(g.rewards, cfg.model, device)
+    for reward in rewards:
+        if isinstance(reward.fn, RewardModel):
+            reward.fn.model = frozen_for_inference(reward.fn.model, cfg)
     sampler = make_sampler(cfg.rollout, policy, tokenizer.pad_token_id, stop_ids)
 
     # 2. Data: prompts, encoded once (with answers for the rule rewards); rows with answers for eval accuracy.
@@ -89,7 +94,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     total_steps = plan_steps(cfg.train, len(prompts), batches.samples_per_step)
 
     # 3. Engine (mu updates per step) and the state to resume from.
-    engine = TorchEngine(policy, cfg.train, total_steps * g.inner_updates, resolve_dtype(cfg.model.dtype.value))
+    engine = make_engine(policy, cfg, total_steps * g.inner_updates)
     parents = {"model": describe_model_source(cfg.model.path)}
     if reference is not None:
         parents["reference"] = describe_model_source(reference_path)
@@ -116,18 +121,16 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             # 4a. Rollouts for every micro-batch of the step, scored and turned into advantages.
             rollouts = []
             for i, micro in enumerate(batches.micro_batches(step)):
-                rollout = _rollout(policy, reference, tokenizer, sampler, micro, rewards, cfg, device,
-                                   seed=cfg.train.seed * 1_000_003 + step * 997 + i, stats=stats)
-                if rollout is not None:
-                    rollouts.append(rollout)
-                    throughput.add(int(rollout.batch["attention_mask"].sum()))
-            num_sequences = sum(len(r.advantages) for r in rollouts)
-            num_tokens = sum(int(r.batch["loss_mask"][:, 1:].sum()) for r in rollouts)
+                seed = cfg.train.seed * 1_000_003 + step * 997 + distributed.rank() * 100_003 + i
+                rollouts.append(_rollout(policy, reference, tokenizer, sampler, micro, rewards, cfg, device, seed=seed, stats=stats))
+                throughput.add(int(rollouts[-1].batch["attention_mask"].sum()))
+            num_sequences = distributed.total(sum(r.kept for r in rollouts))
+            num_tokens = distributed.total(sum(int(r.batch["loss_mask"][:, 1:].sum()) for r in rollouts))
 
             # 4b. mu updates on the same rollouts, the normaliser counted over the whole step.
             lr = engine.lr
             totals = torch.zeros(4, device=device)  # loss, kl sum, clipped tokens, tokens
-            for _ in range(g.inner_updates if rollouts else 0):
+            for _ in range(g.inner_updates if num_sequences else 0):
                 totals.zero_()
                 for rollout in rollouts:
                     batch = rollout.batch
@@ -150,7 +153,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             metrics.advance(done)
 
             if done % cfg.train.log_every == 0 or done == total_steps:
-                loss_sum, kl_sum, clipped_tokens, tokens = totals.tolist()
+                loss_sum, kl_sum, clipped_tokens, tokens = distributed.total(totals).tolist()
+                stats = {name: distributed.gather(values) for name, values in stats.items()}
                 reward = torch.tensor(stats["reward"])
                 last = {
                     "loss": loss_sum, "reward/mean": float(reward.mean()), "reward/std": float(reward.std()),
@@ -158,7 +162,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                     "kl": kl_sum / max(tokens, 1), "clipfrac": clipped_tokens / max(tokens, 1),
                     "completion_length": sum(stats["length"]) / len(stats["length"]),
                     "frac_reward_zero_std": sum(stats["zero_std"]) / len(stats["zero_std"]),
-                    "lr": lr, "grad_norm": grad_norm if rollouts else 0.0, "tokens_per_s": throughput.read(),
+                    "lr": lr, "grad_norm": grad_norm if num_sequences else 0.0, "tokens_per_s": distributed.total(throughput.read()),
                 }
                 metrics.log(done, last)
                 stats = {}
@@ -174,15 +178,15 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-    finish(start, policy, tokenizer, final_metrics)
+    finish(cfg, start, policy, tokenizer, final_metrics)
     return final_metrics
 
 
 @torch.no_grad()
 def _rollout(policy, reference, tokenizer, sampler: Sampler, prompts: list[EncodedPrompt], rewards, cfg: Any,
-             device: torch.device, seed: int, stats: dict[str, list[float]]) -> Rollout | None:
-    """Sample G completions per prompt, score them, and build the loss's tensors (None when every
-    group was filtered out)."""
+             device: torch.device, seed: int, stats: dict[str, list[float]]) -> Rollout:
+    """Sample G completions per prompt, score them, and build the loss's tensors. Filtered groups keep
+    their rows, masked out of the loss, so that every process runs the same forward passes."""
     g = cfg.grpo
     group = g.num_generations
     examples = [p.example for p in prompts]
@@ -200,15 +204,13 @@ def _rollout(policy, reference, tokenizer, sampler: Sampler, prompts: list[Encod
     stats.setdefault("length", []).extend(len(c) for c in completions)
     stats.setdefault("zero_std", []).extend((~spread).float().tolist())
 
-    keep = [i for i in range(len(completions)) if spread[i // group] or not g.filter_zero_std]
-    if not keep:
-        return None
-    rows = [TokenizedSample(repeated[i] + completions[i], [False] * len(repeated[i]) + [True] * len(completions[i]), "")
-            for i in keep]
+    keep = [bool(spread[i // group]) or not g.filter_zero_std for i in range(len(completions))]
+    rows = [TokenizedSample(repeated[i] + completions[i], [False] * len(repeated[i]) + [keep[i]] * len(completions[i]), "")
+            for i in range(len(completions))]
     batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
     old = ref = None
     if g.inner_updates > 1:
         old = token_logprobs(policy(**forward_inputs(batch)).logits / cfg.rollout.temperature, batch["input_ids"])
     if reference is not None:
         ref = token_logprobs(reference(**forward_inputs(batch)).logits / cfg.rollout.temperature, batch["input_ids"])
-    return Rollout(batch, advantages[keep].to(device), old, ref)
+    return Rollout(batch, advantages.to(device), old, ref, kept=sum(keep))

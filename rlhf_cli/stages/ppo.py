@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -43,7 +44,9 @@ from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.formats import PromptExample
 from rlhf_cli.data.sources import load_rows
 from rlhf_cli.data.tokenize import EncodedPrompt, TokenizedSample, encode_prompts, stop_token_ids
-from rlhf_cli.engine import TorchEngine
+from rlhf_cli import distributed
+from rlhf_cli.engine import make_engine
+from rlhf_cli.engine.zero import frozen_for_inference
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import exact_match_rate, greedy_texts, load_answer_examples
 from rlhf_cli.metrics import MetricsLogger, Throughput
@@ -56,7 +59,6 @@ from rlhf_cli.models import (
     load_reference,
     load_reward_model,
     load_tokenizer,
-    resolve_dtype,
 )
 from rlhf_cli.rewards import RewardModel
 from rlhf_cli.rollout import make_sampler
@@ -75,6 +77,7 @@ from rlhf_cli.stages import (
 )
 
 log = logging.getLogger("rlhf")
+_CONTROLLER = "ppo_controller.json"  # kl_coef and reward moments, beside DeepSpeed checkpoints
 
 
 class ActorCritic(torch.nn.Module):
@@ -103,23 +106,44 @@ class ActorCritic(torch.nn.Module):
 
 class ActorCriticEngine:
     """The optimizers (the actor's, and a separate critic's), the KL coefficient the adaptive controller
-    moves and the running reward moments: the training state a checkpoint must restore beyond the weights."""
+    moves and the running reward moments: the training state a checkpoint must restore beyond the weights.
+    Under DeepSpeed each engine saves its own checkpoint and the rest goes in a small JSON beside them."""
 
-    def __init__(self, actor: TorchEngine, critic: TorchEngine | None, kl_coef: float):
+    def __init__(self, actor: Any, critic: Any, kl_coef: float):
         self.actor, self.critic, self.kl_coef = actor, critic, kl_coef
         self.reward_moments: tuple[int, float, float] = (0, 0.0, 0.0)  # count, mean, m2 of raw scores
+        self.owns_weights = actor.owns_weights
+
+    def save(self, directory: Path) -> None:
+        for engine in (self.actor, self.critic):
+            if engine is not None:
+                engine.save(directory)
+        if distributed.is_main():
+            (directory / _CONTROLLER).write_text(json.dumps(self._controller_state()), encoding="utf-8")
+
+    def load(self, directory: Path) -> None:
+        for engine in (self.actor, self.critic):
+            if engine is not None:
+                engine.load(directory)
+        self._load_controller_state(json.loads((directory / _CONTROLLER).read_text(encoding="utf-8")))
+
+    def _controller_state(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_coef, "reward_moments": list(self.reward_moments)}
+
+    def _load_controller_state(self, state: dict[str, Any]) -> None:
+        self.kl_coef = state["kl_coef"]
+        count, mean, m2 = state["reward_moments"]
+        self.reward_moments = (int(count), float(mean), float(m2))
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"actor": self.actor.state_dict(), "kl_coef": self.kl_coef, "reward_moments": list(self.reward_moments)}
+        state = {"actor": self.actor.state_dict(), **self._controller_state()}
         return state | ({"critic": self.critic.state_dict()} if self.critic is not None else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.actor.load_state_dict(state["actor"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
-        self.kl_coef = state["kl_coef"]
-        count, mean, m2 = state["reward_moments"]
-        self.reward_moments = (int(count), float(mean), float(m2))
+        self._load_controller_state(state)
 
 
 @dataclasses.dataclass
@@ -150,10 +174,11 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     reference_path = cfg.ref.path or cfg.model.path
     device = default_device()
     tokenizer = load_tokenizer(cfg.model)
-    actor = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora).to(device)
-    reference = load_reference(cfg.model, reference_path, actor, tokenizer, cfg.train.seed, device)
+    actor = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model).to(device)
+    reference = frozen_for_inference(load_reference(cfg.model, reference_path, actor, tokenizer, cfg.train.seed, device), cfg)
     models = ActorCritic(actor, _load_critic(cfg, critic_path, tokenizer) if separate_critic else None).to(device)
     score = RewardModel(cfg.model, reward_path, device)
+    score.model = frozen_for_inference(score.model, cfg)
     frozen = [m for m in (reference, score.model) if isinstance(m, torch.nn.Module)]  # a LoRA reference is the actor
     if p.offload_frozen:
         for model in frozen:
@@ -175,12 +200,12 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
 
     # 3. Engines (one optimizer step per mini-batch and epoch) and the state to resume from.
     updates = total_steps * p.epochs * p.num_mini_batches
-    dtype = resolve_dtype(cfg.model.dtype.value)
     if separate_critic:
-        engine = ActorCriticEngine(TorchEngine(actor, cfg.train, updates, dtype),
-                                   TorchEngine(models.critic, dataclasses.replace(cfg.train, lr=cfg.critic.lr), updates, dtype), p.kl_coef)
+        critic_train = dataclasses.replace(cfg.train, lr=cfg.critic.lr, grad_accum=1)
+        engine = ActorCriticEngine(make_engine(actor, cfg, updates, dataclasses.replace(cfg.train, grad_accum=1), name="actor"),
+                                   make_engine(models.critic, cfg, updates, critic_train, name="critic"), p.kl_coef)
     else:
-        engine = ActorCriticEngine(TorchEngine(models, cfg.train, updates, dtype), None, p.kl_coef)
+        engine = ActorCriticEngine(make_engine(models, cfg, updates, dataclasses.replace(cfg.train, grad_accum=1)), None, p.kl_coef)
     parents = {"model": describe_model_source(cfg.model.path), "reference": describe_model_source(reference_path),
                "reward": describe_model_source(reward_path)}
     if separate_critic:
@@ -200,7 +225,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         if manifest_stats:
             mean, std = manifest_stats["mean"], manifest_stats["std"]
         else:
-            engine.reward_moments = update_moments(*engine.reward_moments, raw)
+            engine.reward_moments = update_moments(*engine.reward_moments, torch.tensor(distributed.gather(raw.tolist())))
             count, mean, m2 = engine.reward_moments
             std = math.sqrt(m2 / (count - 1)) if count > 1 else 1.0
         return (raw - mean) / max(std, 1e-6)
@@ -227,13 +252,15 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             step_prompts = [prompt for micro in batches.micro_batches(step) for prompt in micro]
             with frozen_on_device():
                 rollouts, stats = _rollout(step_prompts, sampler, score, normalise, models, reference, tokenizer,
-                                           stop_ids, cfg, engine.kl_coef, device, seed=cfg.train.seed * 1_000_003 + step * 997)
+                                           stop_ids, cfg, engine.kl_coef, device,
+                                           seed=cfg.train.seed * 1_000_003 + step * 997 + distributed.rank() * 100_003)
             throughput.add(int(rollouts.batch["attention_mask"].sum()))
             lr = engine.actor.lr
             train_actor = step >= p.critic_warmup_steps
             stats.update(_update(rollouts, models, engine, cfg, train_actor, seed=cfg.train.seed * 7_919 + step))
+            stats = {name: distributed.mean(value) for name, value in stats.items()}
             if p.kl_target:
-                engine.kl_coef = adaptive_kl_coef(engine.kl_coef, stats["kl"], p.kl_target, p.kl_horizon, len(step_prompts))
+                engine.kl_coef = adaptive_kl_coef(engine.kl_coef, stats["kl"], p.kl_target, p.kl_horizon, batches.samples_per_step)
             for name, value in stats.items():
                 window.setdefault(name, []).append(value)
             done = step + 1
@@ -242,7 +269,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             if done % cfg.train.log_every == 0 or done == total_steps:
                 last = {name: sum(values) / len(values) for name, values in window.items()}
                 final_metrics.update({k: last[k] for k in ("reward/mean", "kl", "response_length")})
-                metrics.log(done, last | {"kl_coef": engine.kl_coef, "lr": lr, "tokens_per_s": throughput.read()})
+                metrics.log(done, last | {"kl_coef": engine.kl_coef, "lr": lr, "tokens_per_s": distributed.total(throughput.read())})
                 window = {}
             if answer_examples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate())
@@ -255,7 +282,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-    finish(start, actor, tokenizer, final_metrics)
+    finish(cfg, start, actor, tokenizer, final_metrics)
     return final_metrics
 
 
@@ -340,7 +367,7 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: Ac
     rewards = token_rewards(scores.to(device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
     if p.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=distributed.total)
     stats = {
         "reward/mean": float(raw.mean()), "reward/normalized": float(scores.mean()),
         "kl": float(kl.sum(-1).mean()), "response_length": float(mask.sum(-1).mean()),
@@ -353,8 +380,10 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: Ac
 def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, cfg: Any, train_actor: bool, seed: int) -> dict[str, float]:
     """`ppo.epochs` passes over shuffled mini-batches; each is one optimizer step of actor and critic
     (of the critic alone while it warms up). Stops early once the approximate KL to the rollout policy
-    passes ppo.early_stop_kl."""
+    passes ppo.early_stop_kl. With several processes, each one's loss is its mini-batch mean over
+    the number of processes, so the summed gradient is that of their mean (as under DDP)."""
     p = cfg.ppo
+    share = 1.0 / distributed.world_size()
     n = rollouts.mask.size(0)
     size = n // p.num_mini_batches
     generator = torch.Generator().manual_seed(seed)
@@ -375,16 +404,16 @@ def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, 
             value_loss = masked_mean(clipped_value_loss(values.gather(1, mini.index), mini.old_values, mini.returns, p.value_clip), mini.mask)
             actor_loss = policy_loss - p.entropy_coef * entropy
             if engine.critic is None:  # one model: a single loss and step (the value head alone while it warms up)
-                engine.actor.backward((actor_loss if train_actor else 0.0) + p.value_coef * value_loss)
+                engine.actor.backward(share * ((actor_loss if train_actor else 0.0) + p.value_coef * value_loss))
                 engine.actor.step()
             else:
                 if train_actor:
-                    engine.actor.backward(actor_loss)
-                engine.critic.backward(p.value_coef * value_loss)
+                    engine.actor.backward(share * actor_loss)
+                engine.critic.backward(share * p.value_coef * value_loss)
                 if train_actor:
                     engine.actor.step()
                 engine.critic.step()
-            approx_kl = float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask))
+            approx_kl = distributed.mean(float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask)))
             for name, value in (("loss/policy", policy_loss.item()), ("loss/value", value_loss.item()), ("entropy", entropy.item()),
                                 ("clipfrac", float(masked_mean(clipped.float(), mini.mask))), ("approx_kl", approx_kl)):
                 sums[name] = sums.get(name, 0.0) + value

@@ -24,11 +24,12 @@ from rlhf_cli.data.tokenize import (
     stop_token_ids,
     tokenize_sft,
 )
-from rlhf_cli.engine import TorchEngine
+from rlhf_cli import distributed
+from rlhf_cli.engine import make_engine
 from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import apply_lora, count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhf_cli.models import apply_lora, count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -48,7 +49,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     # 1. Model and tokenizer.
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model.lora)
+    model = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model)
     device = default_device()
     model.to(device)
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
@@ -65,7 +66,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     total_steps = plan_steps(cfg.train, len(train_samples), batches.samples_per_step)
 
     # 3. Engine, and the state to resume from.
-    engine = TorchEngine(model, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
+    engine = make_engine(model, cfg, total_steps)
     start_step = begin_training(cfg, start, model, engine, {"model": describe_model_source(cfg.model.path)}, overrides)
     log.info(
         f"sft: {count_parameters(model) / 1e6:.2f}M parameters, {len(train_samples)} training samples, "
@@ -80,7 +81,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         throughput = Throughput()
         for step in range(start_step, total_steps):
             micro_batches = [collate(mb, tokenizer.pad_token_id) for mb in batches.micro_batches(step)]
-            num_tokens = sum(count_label_tokens(b["loss_mask"]) for b in micro_batches)
+            num_tokens = distributed.total(sum(count_label_tokens(b["loss_mask"]) for b in micro_batches))
             lr = engine.lr
             step_loss = torch.zeros((), device=device)
             for batch in micro_batches:
@@ -96,8 +97,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             metrics.advance(done)
 
             if done % cfg.train.log_every == 0 or done == total_steps:
-                last = {"loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": throughput.read(), "num_tokens": num_tokens}
+                last = {"loss": distributed.total(step_loss).item(), "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": distributed.total(throughput.read()), "num_tokens": num_tokens}
                 metrics.log(done, last)
             if eval_samples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device))
@@ -111,7 +112,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             final_metrics.update(evaluation)
     finally:
         metrics.close()
-    finish(start, model, tokenizer, final_metrics)
+    finish(cfg, start, model, tokenizer, final_metrics)
     return final_metrics
 
 

@@ -1,7 +1,8 @@
 """rlhf train-rm: a scalar reward model from pairwise or ranked preferences (InstructGPT step 2).
 
 The model is `AutoModelForSequenceClassification` with one output, read at the last non-padding
-token (the response's end token), started from `from_run`'s sft/final unless `model.path` is set.
+token (the response's end token), started from `from_run`'s sft/final unless `model.path` is set;
+with `model.lora.r > 0` LoRA adapters and the score head train, the rest is frozen.
 The loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected - margin). A ranked prompt with K
 responses contributes all K(K-1)/2 pairs, each response encoded once, and (as in InstructGPT) its
 pairs share a weight of 1/C(K,2), so each prompt counts once; the step loss averages over prompts.
@@ -21,10 +22,11 @@ from rlhf_cli.algos.rewards import bradley_terry_loss, reward_centering_penalty
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.preferences import PreferenceGroup, to_preference_groups
 from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
-from rlhf_cli.engine import TorchEngine
+from rlhf_cli import distributed
+from rlhf_cli.engine import make_engine
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import count_parameters, default_device, load_reward_model, load_tokenizer, resolve_dtype
+from rlhf_cli.models import apply_lora, count_parameters, default_device, load_reward_model, load_tokenizer
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -53,7 +55,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     cfg.model.path = start_model_path(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    # With LoRA the adapters train and so does the whole score head, which starts new (peft's modules_to_save).
+    model = apply_lora(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model, task_type="SEQ_CLS")
     device = default_device()
     model.to(device)
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
@@ -69,7 +72,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     total_steps = plan_steps(cfg.train, len(train_groups), batches.samples_per_step)
 
     # 3. Engine, and the state to resume from.
-    engine = TorchEngine(model, cfg.train, total_steps, resolve_dtype(cfg.model.dtype.value))
+    engine = make_engine(model, cfg, total_steps)
     start_step = begin_training(cfg, start, model, engine, {"model": describe_model_source(cfg.model.path)}, overrides)
     n_pairs = sum(len(g.pairs) for g in train_groups)
     log.info(
@@ -85,7 +88,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         throughput = Throughput()
         for step in range(start_step, total_steps):
             micro_batches = batches.micro_batches(step)
-            prompts_in_step = sum(len(mb) for mb in micro_batches)
+            prompts_in_step = distributed.total(sum(len(mb) for mb in micro_batches))
             lr = engine.lr
             totals = torch.zeros(4, device=device)  # loss, correct pairs, margin sum, pairs
             for groups in micro_batches:
@@ -103,9 +106,9 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             metrics.advance(done)
 
             if done % cfg.train.log_every == 0 or done == total_steps:
-                loss_sum, correct, gap_sum, pairs = totals.tolist()
+                loss_sum, correct, gap_sum, pairs = distributed.total(totals).tolist()
                 last = {"loss": loss_sum, "accuracy": correct / pairs, "margin": gap_sum / pairs, "lr": lr,
-                        "grad_norm": grad_norm, "tokens_per_s": throughput.read()}
+                        "grad_norm": grad_norm, "tokens_per_s": distributed.total(throughput.read())}
                 metrics.log(done, last)
             if eval_groups and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, eval_groups, tokenizer.pad_token_id, cfg.eval.batch_size, device, engine))
@@ -122,7 +125,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     stats = chosen_reward_stats(model, train_groups[: cfg.rm.stats_samples], tokenizer.pad_token_id, cfg.eval.batch_size, device, engine)
     log.info(f"reward over {stats['samples']} chosen training responses: mean {stats['mean']:.4f}, std {stats['std']:.4f}")
 
-    finish(start, model, tokenizer, final_metrics, reward_stats=stats)
+    finish(cfg, start, model, tokenizer, final_metrics, reward_stats=stats)
     return final_metrics
 
 
@@ -153,7 +156,7 @@ def _encode(tokenizer, groups: list[PreferenceGroup], stop_ids: set[int], data_c
     return encoded
 
 
-def _rewards(model, groups: list[EncodedGroup], pad_id: int, device: torch.device, engine: TorchEngine) -> torch.Tensor:
+def _rewards(model, groups: list[EncodedGroup], pad_id: int, device: torch.device, engine) -> torch.Tensor:
     """(N,) rewards of every sequence of the groups, in order."""
     samples = [TokenizedSample(list(s), [False] * len(s), g.where) for g in groups for s in g.sequences]
     batch = collate(samples, pad_id)
@@ -185,7 +188,7 @@ def _pairs(groups: list[EncodedGroup], rewards: torch.Tensor, prompts_in_step: i
 
 
 @torch.no_grad()
-def evaluate(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine: TorchEngine) -> dict[str, float]:
+def evaluate(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine) -> dict[str, float]:
     """eval/loss, eval/accuracy (pairs whose chosen response scores higher) and eval/margin over the eval prompts."""
     model.eval()
     loss, correct, gap_sum, pairs = 0.0, 0, 0.0, 0
@@ -203,7 +206,7 @@ def evaluate(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, de
 
 
 @torch.no_grad()
-def chosen_reward_stats(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine: TorchEngine) -> dict[str, float]:
+def chosen_reward_stats(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine) -> dict[str, float]:
     """Mean and standard deviation of the reward of each prompt's best response."""
     model.eval()
     best = [EncodedGroup(g.where, (g.sequences[g.pairs[0][0]],), ()) for g in groups]

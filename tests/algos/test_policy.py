@@ -114,6 +114,15 @@ def test_masked_whiten_uses_only_masked_entries():
     assert math.isclose(float(masked_mean(values, mask)), 2.0)
 
 
+def test_masked_whiten_across_processes_uses_the_whole_steps_statistics():
+    # This process holds [1, 2], another [3, 6]. `total` adds the other's part to each reduction: its
+    # (sum, count) = (9, 2), then its squared deviations from the shared mean 3: 0 + 9.
+    others = [torch.tensor([9.0, 2.0]), torch.tensor(9.0)]
+    whitened = masked_whiten(torch.tensor([[1.0, 2.0]]), torch.ones(1, 2), total=lambda x: x + others.pop(0))
+    everything = masked_whiten(torch.tensor([[1.0, 2.0, 3.0, 6.0]]), torch.ones(1, 4))
+    assert torch.allclose(whitened, everything[:, :2], atol=1e-6)
+
+
 def test_token_rewards_put_the_score_on_the_last_token():
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.7, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])

@@ -485,6 +485,21 @@ def test_step_batches_shape():
     assert len(micro) == 2 and all(len(m) == 3 for m in micro)
 
 
+def test_each_process_takes_its_share_of_the_one_process_step(monkeypatch):
+    from rlhf_cli import distributed
+
+    one = StepBatches(list(range(40)), batch_size=4, grad_accum=2, seed=3)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        shares.append(StepBatches(list(range(40)), batch_size=2, grad_accum=2, seed=3))
+    assert shares[0].samples_per_step == one.samples_per_step == 8
+    for step in range(7):  # across epoch boundaries too
+        together = sum(shares[0].micro_batches(step) + shares[1].micro_batches(step), [])
+        assert together == sum(one.micro_batches(step), [])
+
+
 def test_step_batches_deterministic_given_seed():
     a = StepBatches(list(range(20)), batch_size=2, grad_accum=2, seed=7)
     b2 = StepBatches(list(range(20)), batch_size=2, grad_accum=2, seed=7)

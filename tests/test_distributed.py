@@ -1,0 +1,130 @@
+"""Several processes under DeepSpeed ZeRO on this CPU (gloo): every stage finishes at ZeRO-2 and
+ZeRO-3 with two processes, two processes at ZeRO-0 take the same steps as one, ZeRO-3 checkpoints
+resume exactly, and a ZeRO-3 final/ is a plain transformers model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import read_jsonl
+
+QUICK = ["train.log_every=1", "eval.max_samples=4", "train.eval_every=0"]
+STAGE_QUICK = {
+    "sft": ["eval.generate=0"],
+    "train-rm": [],
+    "dpo": ["eval.generate=0"],
+    "grpo": ["eval.generate=0", "grpo.num_generations=2", "rollout.max_new_tokens=4", "grpo.beta=0.1"],
+    "ppo": ["eval.generate=0", "rollout.max_new_tokens=4", "ppo.num_mini_batches=2", "ppo.critic_warmup_steps=0"],
+}
+
+
+def _rlhf(cwd, stage, *args):
+    command = [sys.executable, "-m", "rlhf_cli", stage, *QUICK, *STAGE_QUICK[stage], *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """sft and train-rm runs (one process) the later stages chain from."""
+    root = tmp_path_factory.mktemp("chain")
+    for stage in ("sft", "train-rm"):
+        result = _rlhf(root, stage, "train.max_steps=2", "train.batch_size=4", f"output_dir=runs/default/{'rm' if stage == 'train-rm' else stage}")
+        assert result.returncode == 0, result.stderr
+    return root
+
+
+def _losses(run) -> list[float]:
+    return [m["loss"] for m in read_jsonl(run / "metrics.jsonl") if "loss" in m]
+
+
+@pytest.mark.parametrize("stage", ["sft", "train-rm", "dpo"])
+def test_two_processes_at_zero0_take_the_steps_of_one_process(chain, stage):
+    one = _rlhf(chain, stage, "train.max_steps=3", "train.batch_size=8", f"output_dir=one-{stage}")
+    assert one.returncode == 0, one.stderr
+    two = _rlhf(chain, stage, "train.max_steps=3", "train.batch_size=4", "launcher.nproc=2", "deepspeed=zero0", f"output_dir=two-{stage}")
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("step 3/3  loss") == 1  # process 0 alone reports
+    single, double = _losses(chain / f"one-{stage}"), _losses(chain / f"two-{stage}")
+    assert len(single) == len(double) == 3
+    for a, b in zip(single, double):
+        assert abs(a - b) < 1e-4, (single, double)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["sft", "train-rm", "dpo", "grpo", "ppo"])
+def test_every_stage_finishes_with_two_processes(chain, stage, zero):
+    output = f"{zero}-{stage}"
+    result = _rlhf(chain, stage, "train.max_steps=2", "train.batch_size=2", "train.save_every=1", "launcher.nproc=2",
+                   f"deepspeed={zero}", f"output_dir={output}")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((chain / output / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["config"]["deepspeed"]["stage"] == int(zero[-1])
+    assert (chain / output / "checkpoints/step-1/rng-rank1.pt").is_file()  # each process's RNG state is kept
+    assert len(_losses(chain / output) if stage in ("sft", "train-rm", "dpo", "grpo") else read_jsonl(chain / output / "metrics.jsonl")) >= 2
+
+
+def test_zero3_final_is_a_plain_model_the_next_stage_starts_from(chain):
+    from transformers import AutoModelForCausalLM
+
+    result = _rlhf(chain, "sft", "train.max_steps=2", "train.batch_size=2", "launcher.nproc=2", "deepspeed=zero3", "output_dir=z3/sft")
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(chain / "z3/sft/final")
+    assert all(p.numel() > 0 and torch.isfinite(p).all() for p in model.parameters())  # gathered, not ZeRO-3 shards
+    nxt = _rlhf(chain, "dpo", "train.max_steps=1", "train.batch_size=4", "from_run=z3", "output_dir=z3/dpo")
+    assert nxt.returncode == 0, nxt.stderr
+    assert json.loads((chain / "z3/dpo/manifest.json").read_text())["parents"]["model"]["stage"] == "sft"
+
+
+def test_zero3_checkpoint_resumes_to_the_same_weights(chain):
+    args = ["train.max_steps=4", "train.batch_size=2", "train.save_every=2", "train.keep_checkpoints=2", "launcher.nproc=2", "deepspeed=zero3"]
+    straight = _rlhf(chain, "sft", *args, "output_dir=straight")
+    assert straight.returncode == 0, straight.stderr
+    resumed = _rlhf(chain, "sft", *args, "output_dir=resumed", f"resume={chain / 'straight/checkpoints/step-2'}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    a, b = load_file(chain / "straight/final/model.safetensors"), load_file(chain / "resumed/final/model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+    assert _losses(chain / "resumed")[-2:] == pytest.approx(_losses(chain / "straight")[-2:], abs=1e-6)
+
+
+def test_several_processes_need_deepspeed_and_say_so(rlhf):
+    result = rlhf("sft", "launcher.nproc=2")
+    assert result.exit_code == 2
+    assert "launcher.nproc: 2 more than one process needs DeepSpeed" in result.output
+    result = rlhf("sft", "deepspeed=zero2", "deepspeed.offload_params=true")
+    assert result.exit_code == 2 and "deepspeed.offload_params: True needs deepspeed.stage 3" in result.output
+    result = rlhf("sft", "deepspeed=zero7")
+    assert result.exit_code == 2 and "zero7" in result.output and "Traceback" not in result.output
+
+
+def test_deepspeed_json_comes_from_the_config_and_a_users_json_is_checked(tmp_path):
+    from rlhf_cli.config.schema import DeepSpeedKeys, TrainConfig
+    from rlhf_cli.engine.zero import deepspeed_config
+    from rlhf_cli.errors import UserError
+
+    train = TrainConfig(batch_size=4, grad_accum=3, max_grad_norm=0.5)
+    generated = deepspeed_config(train, DeepSpeedKeys(stage=3, offload_params=True), torch.bfloat16, world_size=2)
+    assert generated["train_batch_size"] == 24 and generated["gradient_accumulation_steps"] == 3
+    assert generated["gradient_clipping"] == 0.5 and generated["bf16"]["enabled"] and not generated["fp16"]["enabled"]
+    assert generated["zero_optimization"]["stage"] == 3 and generated["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
+    mine = tmp_path / "ds.json"
+    mine.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}))
+    merged = deepspeed_config(train, DeepSpeedKeys(stage=3, config=str(mine)), torch.float32, world_size=2)
+    assert merged["train_micro_batch_size_per_gpu"] == 4 and merged["zero_optimization"]["reduce_bucket_size"] == 1000
+
+    mine.write_text(json.dumps({"gradient_accumulation_steps": 8}))
+    with pytest.raises(UserError, match="gradient_accumulation_steps=8 disagrees with the config's 3"):
+        deepspeed_config(train, DeepSpeedKeys(stage=2, config=str(mine)), torch.float32, world_size=1)
+    mine.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    with pytest.raises(UserError, match="remove 'optimizer'"):
+        deepspeed_config(train, DeepSpeedKeys(stage=2, config=str(mine)), torch.float32, world_size=1)
+    mine.write_text("{not json")
+    with pytest.raises(UserError, match="not JSON"):
+        deepspeed_config(train, DeepSpeedKeys(stage=2, config=str(mine)), torch.float32, world_size=1)
