@@ -99,16 +99,15 @@ def test_the_replaced_sigusr2_handler_runs_after_the_checkpoint(tmp_path):
     assert found["status"] == "preempted" and len(found["checkpoints"]) == 1
 
 
-# The hook itself, on a stand-in model and engine.
-class _Engine:
-    def state_dict(self):
-        return {"lr": 0.1}
-
-
+# The hook itself, on a small model and the plain engine.
 def _stage(tmp_path, save_every: int):
-    cfg = SimpleNamespace(train=SimpleNamespace(save_every=save_every, keep_checkpoints=5))
-    start = SimpleNamespace(run=RunDir(tmp_path))
-    return cfg, start, torch.nn.Linear(2, 2), _Engine()
+    from rlhf_cli.config.schema import SFTConfig
+    from rlhf_cli.engine import TorchEngine
+
+    cfg = SFTConfig(stage="sft")
+    cfg.train.save_every, cfg.train.keep_checkpoints = save_every, 5
+    model = torch.nn.Linear(2, 2)
+    return cfg, SimpleNamespace(run=RunDir(tmp_path)), model, TorchEngine(model, cfg.train, 5, torch.float32)
 
 
 def _signal_self(sig: signal.Signals) -> None:

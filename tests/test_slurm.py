@@ -124,6 +124,17 @@ def test_single_node_template_runs_a_stage_to_completion(straight):
 
 
 @pytest.mark.slurm
+def test_single_node_template_runs_one_process_per_task(cluster, tmp_path):
+    """--ntasks-per-node=2: the template adds launcher.nproc=2, and the two processes finish the run."""
+    job = _sbatch(tmp_path, SINGLE_NODE, *ARGS, "deepspeed=zero2", "output_dir=run", options=("--ntasks-per-node=2",))
+    _wait_for_job(job)
+    text = (tmp_path / f"slurm-rlhf-{job}.out").read_text()
+    assert "launcher.nproc=2" in text and "rlhf exited with status 0" in text, text
+    manifest = _manifest(tmp_path / "run")
+    assert manifest["status"] == "completed" and manifest["config"]["launcher"]["nproc"] == 2
+
+
+@pytest.mark.slurm
 def test_time_limit_warning_checkpoints_requeues_and_ends_with_the_same_weights(straight, tmp_path):
     """(c) SIGUSR1 to the batch shell, as SLURM sends it before the time limit."""
     started = time.time()
