@@ -1,9 +1,10 @@
 """Optimizer steps per second of `rlhf sft` on the tiny model: one process (plain PyTorch, and
 DeepSpeed ZeRO 0/2/3) against two processes (ZeRO 0/2/3), at the same global batch.
 
-Each setting runs twice, for SHORT and LONG steps; steps/s = (LONG - SHORT) / (wall LONG - wall SHORT),
-so process start, imports and the final save cancel out. Figures are ratios to the one-process plain
-PyTorch run measured in the same invocation. Usage: python bench/zero_throughput.py [--batch 32]
+Every setting trains on the same samples (same global batch and seed). The clock runs between the
+log line of step WARMUP and that of the last step, read as the run prints them, so process start,
+imports, DeepSpeed's set-up and the final save are left out. Figures are ratios to the one-process
+plain PyTorch run measured in the same invocation. Usage: python bench/zero_throughput.py [--batch 32]
 """
 
 from __future__ import annotations
@@ -17,25 +18,29 @@ import sys
 import tempfile
 import time
 
-SHORT, LONG = 5, 25
+WARMUP, STEPS = 10, 60
 SETTINGS = [  # (processes, deepspeed)
     (1, "none"), (1, "zero0"), (1, "zero2"), (1, "zero3"),
     (2, "zero0"), (2, "zero2"), (2, "zero3"),
 ]
 
 
-def wall(steps: int, nproc: int, deepspeed: str, batch: int, workdir: str) -> float:
-    out = os.path.join(workdir, f"{nproc}-{deepspeed}-{steps}")
-    command = [sys.executable, "-m", "rlhf_cli", "sft", f"output_dir={out}", f"train.max_steps={steps}",
-               f"train.batch_size={batch // nproc}", "train.log_every=1000", "train.eval_every=0", "train.save_every=0",
+def steps_per_second(nproc: int, deepspeed: str, batch: int, workdir: str) -> float:
+    out = os.path.join(workdir, f"{nproc}-{deepspeed}")
+    command = [sys.executable, "-m", "rlhf_cli", "sft", f"output_dir={out}", f"train.max_steps={STEPS}",
+               f"train.batch_size={batch // nproc}", f"train.log_every={WARMUP}", "train.eval_every=0", "train.save_every=0",
                "eval.generate=0", "eval.max_samples=4", f"deepspeed={deepspeed}", f"launcher.nproc={nproc}"]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=workdir)
+    seen: dict[int, float] = {}
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("step ") and " loss " in line:
+            seen[int(line.split()[1].split("/")[0])] = time.perf_counter()
+    if process.wait() != 0 or WARMUP not in seen or STEPS not in seen:
+        sys.exit(f"{' '.join(command)} failed:\n{''.join(lines[-20:])}")
     shutil.rmtree(out, ignore_errors=True)
-    return elapsed
+    return (STEPS - WARMUP) / (seen[STEPS] - seen[WARMUP])
 
 
 def main() -> None:
@@ -49,11 +54,8 @@ def main() -> None:
           f"{os.cpu_count()} cores, OMP_NUM_THREADS=1 per process")
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        wall(2, 1, "zero0", args.batch, workdir)  # DeepSpeed compiles its CPU op once, outside the figures
         for nproc, deepspeed in SETTINGS:
-            short = wall(SHORT, nproc, deepspeed, args.batch, workdir)
-            long = wall(LONG, nproc, deepspeed, args.batch, workdir)
-            rows.append((nproc, deepspeed, (LONG - SHORT) / max(long - short, 1e-9)))
+            rows.append((nproc, deepspeed, steps_per_second(nproc, deepspeed, args.batch, workdir)))
     base = rows[0][2]
     print("| processes | deepspeed | steps/s | vs 1 process, plain PyTorch |")
     print("| --- | --- | --- | --- |")

@@ -108,8 +108,6 @@ def _task(cfg: Any) -> None:
         if os.environ.get(DEBUG_ENV):
             raise
         _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
-    finally:
-        distributed.stop()
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ unconditionally: a sum across ranks of one process is the value itself.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from typing import Any
@@ -28,7 +29,8 @@ def launched_world_size() -> int:
 
 def start(backend_needed: bool) -> None:
     """Join the process group of a multi-process launch, or make one of a single process when the
-    engine needs one (DeepSpeed always does)."""
+    engine needs one (DeepSpeed always does). The group lives as long as the process: the jobs of a
+    multirun in one process share it (DeepSpeed keeps its own references to it)."""
     if _dist().is_initialized() or not (backend_needed or launched_world_size() > 1):
         return
     if "SUBMITIT_EXECUTOR" in os.environ and "RANK" not in os.environ:
@@ -40,10 +42,10 @@ def start(backend_needed: bool) -> None:
     import deepspeed
 
     deepspeed.init_distributed(verbose=False)
+    atexit.register(_stop)
 
 
-def stop() -> None:
-    """Leave the process group, so that the next job of a multirun in this process can make its own."""
+def _stop() -> None:
     if _dist().is_initialized():
         _dist().destroy_process_group()
 

@@ -140,12 +140,16 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, step
     return coef * (1.0 + error * steps / horizon)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, total=lambda x: x) -> float:
     """1 - Var(returns - values) / Var(returns) over the masked entries: 1 is a perfect critic, 0 one
-    that predicts the mean, negative one that is worse than that."""
-    variance = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    that predicts the mean, negative one that is worse than that. `total` sums over processes."""
     residual = returns - values
-    residual_variance = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    m = mask.double()
+    r, e = returns.double(), residual.double()
+    sums = total(torch.stack([(r * m).sum(), (r * r * m).sum(), (e * m).sum(), (e * e * m).sum(), m.sum()]))
+    count = sums[4].clamp(min=1)
+    variance = sums[1] / count - (sums[0] / count) ** 2
+    residual_variance = sums[3] / count - (sums[2] / count) ** 2
     return float(1 - residual_variance / variance) if variance > 0 else 0.0
 
 

@@ -40,6 +40,10 @@ class StepBatches:
         chosen = [self.samples[self._index(p)] for p in range(start, start + share)]
         return [chosen[i : i + self.batch_size] for i in range(0, len(chosen), self.batch_size)]
 
+    def first_position(self, micro_batch: int) -> int:
+        """Where this process's micro-batch `micro_batch` starts among the samples of a step."""
+        return self.rank * self.batch_size * self.grad_accum + micro_batch * self.batch_size
+
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.samples))
         if epoch != self._epoch:

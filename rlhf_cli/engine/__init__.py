@@ -89,7 +89,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # DeepSpeed drops empty groups; the schedule must see the same
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int):

@@ -103,10 +103,16 @@ class DeepSpeedEngine:
                  ds_keys: Any, name: str = "model"):
         import deepspeed
 
-        optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
-                                      betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps)
-        self.scheduler = _scheduler(optimizer, train_cfg, total_steps)
         config = deepspeed_config(train_cfg, ds_keys, compute_dtype, distributed.world_size())
+        # DeepSpeed clips plain fp32 ZeRO-0 gradients without keeping their norm; the optimizer clips instead.
+        clips_itself = ds_keys.stage == 0 and compute_dtype == torch.float32
+        if clips_itself:
+            config["gradient_clipping"] = 0.0
+        optimizer = _ClippingAdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
+                                   betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
+                                   max_grad_norm=train_cfg.max_grad_norm if clips_itself else None)
+        self.optimizer = optimizer
+        self.scheduler = _scheduler(optimizer, train_cfg, total_steps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=config)
         self.model = model
         self.name = name
@@ -122,7 +128,7 @@ class DeepSpeedEngine:
         """Reduce, clip, update, advance the schedule; returns the gradient norm before clipping."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        return float(norm if norm is not None else self.optimizer.grad_norm)
 
     @property
     def lr(self) -> float:
@@ -138,6 +144,22 @@ class DeepSpeedEngine:
         loaded, _ = self.engine.load_checkpoint(str(directory), tag=self.name)
         if loaded is None:
             raise UserError(f"{directory}: the DeepSpeed checkpoint {self.name}/ could not be loaded")
+
+
+class _ClippingAdamW(torch.optim.AdamW):
+    """AdamW that, given max_grad_norm, clips the (already reduced) gradients itself and keeps their norm."""
+
+    def __init__(self, params: Any, max_grad_norm: float | None, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm = 0.0
+
+    def step(self, closure: Any = None) -> Any:
+        if self.max_grad_norm is not None:
+            limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            params = [p for group in self.param_groups for p in group["params"]]
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        return super().step(closure)
 
 
 def frozen_for_inference(model: Any, cfg: Any) -> Any:

@@ -39,7 +39,7 @@ from rlhf_cli.models import (
     load_tokenizer,
 )
 from rlhf_cli.rewards import RewardModel, build_rewards, score
-from rlhf_cli.rollout import Sampler, make_sampler
+from rlhf_cli.rollout import Sampler, make_sampler, row_seeds
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -121,8 +121,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             # 4a. Rollouts for every micro-batch of the step, scored and turned into advantages.
             rollouts = []
             for i, micro in enumerate(batches.micro_batches(step)):
-                seed = cfg.train.seed * 1_000_003 + step * 997 + distributed.rank() * 100_003 + i
-                rollouts.append(_rollout(policy, reference, tokenizer, sampler, micro, rewards, cfg, device, seed=seed, stats=stats))
+                seeds = row_seeds(cfg.train.seed, step, batches.first_position(i) * g.num_generations, len(micro) * g.num_generations)
+                rollouts.append(_rollout(policy, reference, tokenizer, sampler, micro, rewards, cfg, device, seeds=seeds, stats=stats))
                 throughput.add(int(rollouts[-1].batch["attention_mask"].sum()))
             num_sequences = distributed.total(sum(r.kept for r in rollouts))
             num_tokens = distributed.total(sum(int(r.batch["loss_mask"][:, 1:].sum()) for r in rollouts))
@@ -184,14 +184,14 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _rollout(policy, reference, tokenizer, sampler: Sampler, prompts: list[EncodedPrompt], rewards, cfg: Any,
-             device: torch.device, seed: int, stats: dict[str, list[float]]) -> Rollout:
+             device: torch.device, seeds: list[int], stats: dict[str, list[float]]) -> Rollout:
     """Sample G completions per prompt, score them, and build the loss's tensors. Filtered groups keep
     their rows, masked out of the loss, so that every process runs the same forward passes."""
     g = cfg.grpo
     group = g.num_generations
     examples = [p.example for p in prompts]
     repeated = [p.ids for p in prompts for _ in range(group)]
-    completions = sampler(repeated, seed)
+    completions = sampler(repeated, seeds)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     prompt_texts = [t for t in tokenizer.batch_decode([p.ids for p in prompts], skip_special_tokens=True) for _ in range(group)]
     totals, each = score(rewards, prompt_texts, texts, [e for e in examples for _ in range(group)])

@@ -61,7 +61,7 @@ from rlhf_cli.models import (
     load_tokenizer,
 )
 from rlhf_cli.rewards import RewardModel
-from rlhf_cli.rollout import make_sampler
+from rlhf_cli.rollout import make_sampler, row_seeds
 from rlhf_cli.runs import RunDir
 from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import (
@@ -253,12 +253,12 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             with frozen_on_device():
                 rollouts, stats = _rollout(step_prompts, sampler, score, normalise, models, reference, tokenizer,
                                            stop_ids, cfg, engine.kl_coef, device,
-                                           seed=cfg.train.seed * 1_000_003 + step * 997 + distributed.rank() * 100_003)
+                                           seeds=row_seeds(cfg.train.seed, step, batches.first_position(0), len(step_prompts)))
             throughput.add(int(rollouts.batch["attention_mask"].sum()))
             lr = engine.actor.lr
             train_actor = step >= p.critic_warmup_steps
+            stats = {name: distributed.mean(value) for name, value in stats.items()}  # equal shares of the step's prompts
             stats.update(_update(rollouts, models, engine, cfg, train_actor, seed=cfg.train.seed * 7_919 + step))
-            stats = {name: distributed.mean(value) for name, value in stats.items()}
             if p.kl_target:
                 engine.kl_coef = adaptive_kl_coef(engine.kl_coef, stats["kl"], p.kl_target, p.kl_horizon, batches.samples_per_step)
             for name, value in stats.items():
@@ -337,10 +337,10 @@ def _reward_stats(reward_path: str) -> dict[str, float] | None:
 
 @torch.no_grad()
 def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: ActorCritic, reference, tokenizer,
-             stop_ids: set[int], cfg: Any, kl_coef: float, device: torch.device, seed: int) -> tuple[Rollouts, dict[str, float]]:
+             stop_ids: set[int], cfg: Any, kl_coef: float, device: torch.device, seeds: list[int]) -> tuple[Rollouts, dict[str, float]]:
     """Sample a response per prompt, score it, and compute old log-probabilities, values, advantages and returns."""
     p = cfg.ppo
-    responses = sampler([prompt.ids for prompt in prompts], seed)
+    responses = sampler([prompt.ids for prompt in prompts], seeds)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     prompt_texts = tokenizer.batch_decode([prompt.ids for prompt in prompts], skip_special_tokens=True)
     raw = torch.tensor(score(prompt_texts, texts, [prompt.example for prompt in prompts]), dtype=torch.float32)
@@ -371,8 +371,9 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: Ac
     stats = {
         "reward/mean": float(raw.mean()), "reward/normalized": float(scores.mean()),
         "kl": float(kl.sum(-1).mean()), "response_length": float(mask.sum(-1).mean()),
-        "no_eos_fraction": float((~ended).float().mean()), "returns/mean": float(masked_mean(returns, mask)),
-        "value/explained_variance": explained_variance(values, returns, mask),
+        "no_eos_fraction": float((~ended).float().mean()),
+        "returns/mean": float(distributed.total((returns * mask).sum()) / distributed.total(mask.sum()).clamp(min=1)),
+        "value/explained_variance": explained_variance(values, returns, mask, total=distributed.total),
     }
     return Rollouts(batch, index, mask, logprobs, values, advantages, returns), stats
 
@@ -380,10 +381,10 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: Ac
 def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, cfg: Any, train_actor: bool, seed: int) -> dict[str, float]:
     """`ppo.epochs` passes over shuffled mini-batches; each is one optimizer step of actor and critic
     (of the critic alone while it warms up). Stops early once the approximate KL to the rollout policy
-    passes ppo.early_stop_kl. With several processes, each one's loss is its mini-batch mean over
-    the number of processes, so the summed gradient is that of their mean (as under DDP)."""
+    passes ppo.early_stop_kl. With several processes, each one's mini-batch means are weighted by its
+    share of the mini-batch's tokens over all processes, so that their sum, the gradient and the logged
+    figures are the means over the whole mini-batch."""
     p = cfg.ppo
-    share = 1.0 / distributed.world_size()
     n = rollouts.mask.size(0)
     size = n // p.num_mini_batches
     generator = torch.Generator().manual_seed(seed)
@@ -394,6 +395,7 @@ def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, 
         order = torch.randperm(n, generator=generator).to(rollouts.mask.device)
         for start in range(0, n, size):
             mini = rollouts.rows(order[start : start + size])
+            share = float(mini.mask.sum()) / max(distributed.total(float(mini.mask.sum())), 1.0)
             with engine.actor.autocast():
                 logits, values = models.logits_and_values(mini.batch, train_actor)
             logits = logits.float() / cfg.rollout.temperature
@@ -413,9 +415,11 @@ def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, 
                 if train_actor:
                     engine.actor.step()
                 engine.critic.step()
-            approx_kl = distributed.mean(float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask)))
-            for name, value in (("loss/policy", policy_loss.item()), ("loss/value", value_loss.item()), ("entropy", entropy.item()),
-                                ("clipfrac", float(masked_mean(clipped.float(), mini.mask))), ("approx_kl", approx_kl)):
+            figures = torch.tensor([policy_loss.item(), value_loss.item(), entropy.item(), float(masked_mean(clipped.float(), mini.mask)),
+                                    float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask))], dtype=torch.float64)
+            figures = distributed.total(figures * share).tolist()
+            approx_kl = figures[-1]
+            for name, value in zip(("loss/policy", "loss/value", "entropy", "clipfrac", "approx_kl"), figures):
                 sums[name] = sums.get(name, 0.0) + value
             updates += 1
             if p.early_stop_kl is not None and approx_kl > p.early_stop_kl:

@@ -1,0 +1,31 @@
+"""Sampling: each row draws from its own seed, so a completion does not depend on its batch."""
+
+import torch
+
+from rlhf_cli.rollout import generate, row_seeds, top_p_probabilities
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = top_p_probabilities(logits, 0.7)  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: two tokens
+    assert torch.allclose(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.allclose(top_p_probabilities(logits, 0.4), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # the top token always stays
+    assert torch.allclose(top_p_probabilities(logits, 1.0), torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+
+
+def test_a_rows_completion_depends_on_its_seed_not_on_its_batch():
+    from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
+    model = load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0)
+    prompts = [tokenizer.encode(text) for text in ("12+7=", "3*4=", "100-1=", "8+8=")]
+    seeds = row_seeds(5, step=3, first_row=0, count=4)
+    common = dict(max_new_tokens=12, pad_id=tokenizer.pad_token_id, stop_ids={tokenizer.eos_token_id}, temperature=1.0, top_p=0.95)
+
+    together = generate(model, prompts, batch_size=4, seeds=seeds, **common)
+    apart = generate(model, prompts[:2], batch_size=2, seeds=seeds[:2], **common) + \
+        generate(model, prompts[2:][::-1], batch_size=1, seeds=seeds[2:][::-1], **common)[::-1]
+    assert together == apart
+    assert generate(model, prompts, batch_size=4, seeds=row_seeds(6, step=3, first_row=0, count=4), **common) != together
+    assert row_seeds(5, step=3, first_row=2, count=2) == seeds[2:]
