@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 # DeepSpeed's one compiled CPU op, kept with this environment (two venvs sharing one cache rebuild it).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow test-slurm bench clean
 
 $(BIN)/rlhf: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,16 @@ demo: install
 	$(BIN)/rlhf sft
 
 test: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow and not slurm"
 
 test-slow: install
 	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m slow
+
+# Starts a one-node SLURM cluster on this machine (as root; installs slurm and munge with apt the
+# first time, about 20 s), then runs the tests that submit jobs to it. scripts/slurm-local.sh stop ends it.
+test-slurm: install
+	bash scripts/slurm-local.sh start
+	$(BIN)/pytest -q -m slurm
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/dpo_reference_memory.py

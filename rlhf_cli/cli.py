@@ -24,6 +24,9 @@ from rlhf_cli.errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
+# EX_TEMPFAIL (sysexits.h): stopped by SIGUSR1, SIGUSR2 or SIGTERM after a checkpoint; rerun to continue.
+# scripts/slurm/*.sbatch requeue the job on it.
+EXIT_PREEMPTED = 75
 DEBUG_ENV = "RLHF_DEBUG"
 
 STAGE_HELP = {
@@ -64,7 +67,7 @@ def _task(cfg: Any) -> None:
     """The Hydra task of every stage (module level, so submitit can pickle it by reference)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from rlhf_cli import distributed
+    from rlhf_cli import distributed, preemption
     from rlhf_cli.stages import AlreadyComplete, open_run
     from rlhf_cli.stages.registry import STAGE_RUNNERS
 
@@ -82,13 +85,21 @@ def _task(cfg: Any) -> None:
         if not distributed.is_main():
             log.setLevel(logging.WARNING)  # one console for the run: process 0's
         start = open_run(typed)
-        try:
-            STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
-        except BaseException as exc:
-            start.run.fail(_reason(exc))
-            raise
+        with preemption.signals_recorded():
+            try:
+                STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
+            except preemption.Preempted as stop:
+                start.run.preempt(stop.signal_name, stop.step, stop.checkpoint)
+                raise
+            except BaseException as exc:
+                start.run.fail(_reason(exc))
+                raise
     except AlreadyComplete as done:
         log.info(str(done))
+    except preemption.Preempted as stop:
+        _report(str(stop))
+        preemption.hand_over()  # under submitit: its handler requeues the job and exits
+        raise SystemExit(EXIT_PREEMPTED)
     except UserError as exc:
         _die(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -104,10 +115,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def _die(message: str, code: int) -> None:
+    _report(message)
+    raise SystemExit(code)
+
+
+def _report(message: str) -> None:
     first = " ".join(message.split())
     sys.stderr.write(f"error: {first}\n")
     sys.stderr.flush()
-    raise SystemExit(code)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -171,6 +186,9 @@ def dispatch(stage: str, args: list[str]) -> None:
     from rlhf_cli.config.user_yaml import yaml_overrides
 
     flags, overrides, conf = split_arguments(args)
+    modes = {"-m", "--multirun", "--cfg", "-c", "--info", "-i"}.intersection(flags)
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(sorted(modes))}: use one of -m/--multirun, --cfg, --info at a time")
     file_overrides = yaml_overrides(conf) if conf else []
     overrides = [o.text for o in file_overrides] + overrides
     register_schemas()

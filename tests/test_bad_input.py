@@ -46,6 +46,11 @@ CASES = [
     ("conf-unknown-key", {"c.yaml": "train:\n  lr: 1.0e-4\n  lrr: 3\n"}, ["conf=c.yaml"], "c.yaml:3: unknown key 'train.lrr'"),
     ("conf-not-mapping", {"c.yaml": "- a\n- b\n"}, ["conf=c.yaml"], "c.yaml:1: the top level must be a mapping"),
     ("bad-override-syntax", {}, ["train.lr=[1,"], "bad override"),
+    ("unknown-launcher", {}, ["hydra/launcher=slurmm"], "hydra/launcher=slurmm: no such option (choose from basic, slurm,"),
+    ("unknown-launcher-key", {}, ["hydra/launcher=slurm", "hydra.launcher.partiton=gpu"],
+     "unknown key 'hydra.launcher.partiton'; did you mean 'hydra.launcher.partition'?"),
+    ("bad-launcher-value", {}, ["hydra/launcher=slurm", "hydra.launcher.timeout_min=soon"], "hydra.launcher.timeout_min: Value 'soon'"),
+    ("multirun-with-cfg", {}, ["-m", "--cfg", "job"], "--cfg and -m: use one of -m/--multirun, --cfg, --info at a time"),
     ("all-truncated", {"d.jsonl": json.dumps({"prompt": "Q: " * 40, "completion": "2"}) + "\n"}, ["data.train=d.jsonl", "data.max_length=8"], "no sample left after truncation"),
     ("truncation-error-policy", {"d.jsonl": json.dumps({"prompt": "Q: " * 40, "completion": "2"}) + "\n"}, ["data.train=d.jsonl", "data.max_length=8", "data.truncation=error"], "d.jsonl:1: 122 tokens, over data.max_length=8"),
 ]
@@ -65,6 +70,18 @@ def test_bad_input_is_one_error_line(rlhf, tmp_path, files, args, expected):
     assert not (tmp_path / "runs/default/sft/final").exists()
     manifest = tmp_path / "runs/default/sft/manifest.json"
     assert not manifest.exists() or json.loads(manifest.read_text())["status"] != "completed"
+
+
+def test_slurm_launcher_without_its_plugin_says_what_to_install(rlhf, monkeypatch):
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # discovery registers the plugins' configs; then hide submitit's as if not installed
+    monkeypatch.delitem(ConfigStore.instance().repo["hydra"]["launcher"], "submitit_slurm.yaml")
+    result = rlhf("sft", "-m", "hydra/launcher=slurm", "train.lr=1e-3,2e-3")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: hydra/launcher=submitit_slurm: no such option" in result.output
+    assert "pip install 'rlhf-cli[slurm]'" in result.output
 
 
 def test_bad_input_leaves_a_completed_run_untouched(rlhf, tmp_path):

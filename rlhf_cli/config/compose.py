@@ -64,12 +64,16 @@ def fixed_keys(overrides: list[str]) -> list[str]:
 
 
 def load_config(stage: str, overrides: list[str], origins: dict[str, str] | None = None) -> Any:
-    """The typed config (a schema dataclass instance) of one job."""
+    """The typed config (a schema dataclass instance) of one job. Overrides of Hydra's own settings
+    (hydra/launcher=slurm, hydra.launcher.partition=...) are checked too, in a second composition
+    that includes the hydra node (the typed config has none)."""
     origins = origins or {}
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=stage, overrides=job_overrides)
+            if len(job_overrides) < len(overrides):
+                compose(config_name=stage, overrides=overrides, return_hydra_config=True)
         resolved = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _translate(exc, STAGE_SCHEMAS[stage], origins) from None
@@ -102,7 +106,9 @@ def _translate(exc: Exception, schema: type, origins: dict[str, str]) -> UserErr
     where = _origin(full_key, str(exc), origins)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and " not in " in str(cause):
         parent, _, leaf = full_key.rpartition(".")
-        valid = _child_keys(schema, parent)
+        # Hydra's settings are dataclasses of Hydra and its plugins, not of our schema.
+        hydra_node = getattr(cause, "object_type", None) if full_key.startswith("hydra.") else None
+        valid = [f.name for f in fields(hydra_node)] if is_dataclass(hydra_node) else _child_keys(schema, parent)
         hint = difflib.get_close_matches(leaf, valid, n=1)
         suggestion = f"; did you mean '{_join(parent, hint[0])}'?" if hint else ""
         return UserError(f"{where}unknown key '{full_key}'{suggestion} (valid keys{_in(parent)}: {', '.join(valid)})")
@@ -114,6 +120,12 @@ def _translate(exc: Exception, schema: type, origins: dict[str, str]) -> UserErr
         return UserError(f"{where}{full_key}: {_first_line(str(cause))}")
     if isinstance(cause, MissingMandatoryValue):
         return UserError(f"{where}{full_key}: a value is required")
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        choices = f" (choose from {', '.join(exc.options)})" if exc.options else ""
+        # hydra/launcher=slurm extends submitit_slurm, which only the plugin provides.
+        install = "; install hydra-submitit-launcher: pip install 'rlhf-cli[slurm]'" if "submitit" in option else ""
+        return UserError(f"{where}{group}={option}: no such option{choices}{install}")
     if isinstance(exc, MissingConfigException):
         return UserError(f"{where}{' '.join(str(exc).split())}")
     if isinstance(exc, OverrideParseException):

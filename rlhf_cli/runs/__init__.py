@@ -2,7 +2,7 @@
 
 ```
 <output_dir>/
-  manifest.json     stage, status (running | completed | failed), times, resolved config, parents,
+  manifest.json     stage, status (running | completed | failed | preempted), times, resolved config, parents,
                     parameters (total, trainable), final metrics and format, library versions
   config.yaml       the resolved config
   metrics.jsonl     one JSON object per logged step
@@ -213,6 +213,10 @@ class RunDir:
 
     def complete(self, final_metrics: dict[str, Any], **extra: Any) -> None:
         self.update(status="completed", finished_at=_now(), final=str(self.final_path), final_metrics=final_metrics, **extra)
+
+    def preempt(self, signal_name: str, step: int, checkpoint: str) -> None:
+        """Stopped on a signal after a checkpoint: a rerun with resume=auto continues from it."""
+        self.update(status="preempted", finished_at=_now(), preempted={"signal": signal_name, "step": step, "checkpoint": checkpoint})
 
     def fail(self, reason: str) -> None:
         if getattr(self, "_manifest", None) is not None:

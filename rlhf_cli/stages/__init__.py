@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import OmegaConf
 
+from rlhf_cli import preemption
 from rlhf_cli.errors import UserError
 from rlhf_cli.runs import MANIFEST, RunDir, redact
 
@@ -172,15 +173,23 @@ def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: 
 
 
 def checkpoint_if_due(cfg: Any, start: RunStart, done: int, total: int, model: Any, engine: Any) -> None:
-    """Called after every optimizer step: saves the periodic checkpoint (train.save_every)."""
-    if due(cfg.train.save_every, done, total):
-        save_checkpoint(cfg, start, done, model, engine)
+    """Called after every optimizer step: saves the periodic checkpoint (train.save_every), and when
+    a stop signal came (rlhf_cli.preemption), saves this step even with train.save_every=0 and raises
+    Preempted. A signal during the last step lets the run finish: final/ is the state to keep."""
+    checkpoint = save_checkpoint(cfg, start, done, model, engine) if due(cfg.train.save_every, done, total) else None
+    signal_name = preemption.requested()
+    if signal_name is None or done == total:
+        return
+    if checkpoint is None:
+        checkpoint = save_checkpoint(cfg, start, done, model, engine)
+    raise preemption.Preempted(signal_name, done, str(checkpoint))
 
 
-def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: Any) -> None:
+def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: Any) -> Path:
     from rlhf_cli.runs.checkpoint import save_training_state
 
-    start.run.save_checkpoint(step, lambda d: save_training_state(d, model, engine, {"step": step}), keep=cfg.train.keep_checkpoints)
+    return start.run.save_checkpoint(step, lambda d: save_training_state(d, model, engine, {"step": step}),
+                                     keep=cfg.train.keep_checkpoints)
 
 
 def finish(cfg: Any, start: RunStart, model: Any, tokenizer: Any, final_metrics: dict[str, Any], **extra: Any) -> None:
