@@ -239,15 +239,27 @@ def _relaunch(stage: str, args: list[str], nproc: int) -> int:
         codes = [process.poll() for process in processes]
         failed = [code for code in codes if code not in (None, 0)]
         if failed:
-            for process in processes:
-                if process.poll() is None:
-                    process.terminate()
-            for process in processes:
-                process.wait()
+            _stop_all(processes)
             return failed[0]
         if all(code == 0 for code in codes):
             return 0
         time.sleep(0.2)
+
+
+def _stop_all(processes: list, grace_s: float = 30.0) -> None:
+    """SIGTERM (a process may be saving a checkpoint for the same stop), then SIGKILL for any that a
+    dead peer left waiting in a collective."""
+    import subprocess
+
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _stage_epilog(stage: str) -> str:

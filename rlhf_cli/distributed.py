@@ -98,8 +98,12 @@ def gather(values: list) -> list:
     return [v for part in parts for v in part]
 
 
-def any_rank(flag: bool) -> bool:
-    return bool(total(int(flag)))
+def first_of(value: str | None) -> str | None:
+    """The first rank's non-None value, given to every rank (None when no rank has one); one cheap
+    reduction when none has, as in almost every call."""
+    if world_size() == 1 or not total(int(value is not None)):
+        return value
+    return next(v for v in gather([value]) if v is not None)
 
 
 def job_token() -> str:

@@ -158,3 +158,39 @@ def test_handlers_are_restored_and_the_flag_cleared_for_the_next_stage():
     assert {sig: signal.getsignal(sig) for sig in preemption.SIGNALS} == before
     with preemption.signals_recorded():
         assert preemption.requested() is None
+
+
+def _rank_processes(parent_pid: int) -> dict[int, int]:
+    """RANK -> pid of the processes `launcher.nproc` started."""
+    children = (open(f"/proc/{parent_pid}/task/{parent_pid}/children").read().split())
+    ranks = {}
+    for pid in map(int, children):
+        environ = dict(item.split("=", 1) for item in open(f"/proc/{pid}/environ").read().split("\0") if "=" in item)
+        ranks[int(environ["RANK"])] = pid
+    return ranks
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    command = [sys.executable, "-m", "rlhf_cli", "sft", *ARGS, "train.max_steps=200", "train.batch_size=2",
+               "launcher.nproc=2", "deepspeed=zero0", "output_dir=run"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        for line in process.stderr:
+            if line.startswith("step 2/"):
+                os.kill(_rank_processes(process.pid)[1], signal.SIGUSR1)  # the time-limit warning reached rank 1 only
+                break
+        _, rest = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == EXIT_PREEMPTED, rest
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert manifest["status"] == "preempted"
+    (checkpoint,) = RunDir(tmp_path / "run").checkpoints()
+    assert checkpoint[0] < 200 and {"rng.pt", "rng-rank1.pt", "trainer_state.json"} <= {p.name for p in checkpoint[1].iterdir()}
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert json.loads((tmp_path / "run/manifest.json").read_text())["status"] == "completed"

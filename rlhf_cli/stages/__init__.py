@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import OmegaConf
 
-from rlhf_cli import preemption
+from rlhf_cli import distributed, preemption
 from rlhf_cli.errors import UserError
 from rlhf_cli.runs import MANIFEST, RunDir, redact
 
@@ -152,7 +152,6 @@ def due(every: int, done: int, total: int) -> bool:
 def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: dict[str, Any], overrides: list[str]) -> int:
     """Restore the checkpoint to resume from (or clear an earlier run for resume=never), record the
     manifest as running, and return the step training starts at."""
-    from rlhf_cli import distributed
     from rlhf_cli.models import count_parameters
     from rlhf_cli.runs.checkpoint import load_training_state
 
@@ -177,7 +176,7 @@ def checkpoint_if_due(cfg: Any, start: RunStart, done: int, total: int, model: A
     a stop signal came (rlhf_cli.preemption), saves this step even with train.save_every=0 and raises
     Preempted. A signal during the last step lets the run finish: final/ is the state to keep."""
     checkpoint = save_checkpoint(cfg, start, done, model, engine) if due(cfg.train.save_every, done, total) else None
-    signal_name = preemption.requested()
+    signal_name = distributed.first_of(preemption.requested())  # every process stops at the same step
     if signal_name is None or done == total:
         return
     if checkpoint is None:
@@ -197,7 +196,6 @@ def finish(cfg: Any, start: RunStart, model: Any, tokenizer: Any, final_metrics:
     LoRA adapters merged in, or with model.lora.merge=false the adapter alone; the manifest says which
     (`final_format`) and, for an adapter, which base it was trained on (`base_model`). Every process
     calls it (ZeRO-3 gathers the partitions for the save); process 0 writes."""
-    from rlhf_cli import distributed
     from rlhf_cli.engine.zero import full_weights
     from rlhf_cli.models import base_model_reference, save_adapter, without_adapters
 
