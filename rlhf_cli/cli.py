@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -20,6 +21,7 @@ from typer.core import TyperCommand
 
 from rlhf_cli import __version__
 from rlhf_cli.errors import UserError
+from rlhf_cli.report.document import PageFormat
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -281,6 +283,32 @@ def _make_stage_command(stage: str) -> None:
 
 for _stage in STAGE_HELP:
     _make_stage_command(_stage)
+
+
+@app.command("report", help="Plots, final metrics, accuracy after each stage and sample generations of runs, as a page.")
+def report(
+    run_dirs: list[Path] = typer.Argument(
+        ..., metavar="RUN_DIR", show_default=False,
+        help="A stage run, a directory of stage runs (runs/default) or a sweep directory; several are overlaid."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Directory to write the report into (replaced). Default: RUN_DIR/report; needed for several RUN_DIRs."),
+    samples: int = typer.Option(5, "--samples", min=0, help="Greedy generations shown per model (0: none, and no model is loaded)."),
+    page_format: PageFormat = typer.Option(PageFormat.html, "--format", help="index.html, or index.md for Markdown."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+) -> None:
+    from rich.console import Console
+
+    from rlhf_cli.report.build import print_summary, write_report
+
+    if samples:
+        _setup_logging()  # sampling loads models: transformers' progress bars and warnings would bury the summary
+    try:
+        written = write_report(run_dirs, out, samples, page_format)
+    except UserError as exc:
+        if debug:
+            raise
+        _die(str(exc), exc.exit_code)
+    print_summary(written, Console())
 
 
 def main() -> None:
