@@ -5,6 +5,8 @@ Re-dispatching into `@hydra.main` (rather than composing inside the verb) keeps 
 `--cfg job`, `--info`. Before that hand-over, every job the arguments describe is composed and
 checked here, so that a bad key or value is one `error:` line before anything starts.
 
+`rlhf report` is a plain verb: it reads run directories and runs no stage, so Hydra has no part in it.
+
 This module is the one place that turns an error into `error: ...` and an exit code.
 """
 
@@ -308,6 +310,10 @@ def report(
         if debug:
             raise
         _die(str(exc), exc.exit_code)
+    except Exception as exc:
+        if debug:
+            raise
+        _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
     print_summary(written, Console())
 
 

@@ -13,7 +13,7 @@ from matplotlib.image import imread
 
 from rlhf_cli.report.build import write_report
 from rlhf_cli.report.collect import collect_runs
-from rlhf_cli.report.document import PageFormat
+from rlhf_cli.report.document import PageFormat, Table, render_html, render_markdown
 from rlhf_cli.report.page import accuracy_table
 from rlhf_cli.report.plots import metric_figure
 from tests.conftest import QUICK, write_jsonl
@@ -98,7 +98,7 @@ def test_a_chain_is_overlaid_with_the_accuracy_after_each_stage(rlhf, tmp_path):
     result = rlhf("report", "runs/default", "--samples", "0")
     assert result.exit_code == 0, result.output
     page = (tmp_path / "runs/default/report/index.html").read_text()
-    assert "<h2>Held-out accuracy after each stage</h2>" in page
+    assert "<h2>Held-out accuracy</h2>" in page
     assert "<td>dpo</td><td>dpo</td><td>sft</td><td>0.792</td><td>+0.270 over sft</td>" in page
     assert "<td>model, reference: sft</td>" in page  # what dpo chained from
     assert image_sources(page) == {path.name for path in (tmp_path / "runs/default/report").glob("*.png")}
@@ -134,6 +134,12 @@ def test_markdown_page(rlhf, tmp_path):
     assert set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)) == {path.name for path in report.glob("*.png")}
     assert "| dpo | dpo | sft | 0.792 | +0.270 over sft |" in page
     assert "<details><summary>grpo (grpo)" in page and "```yaml" in page
+
+
+def test_text_from_runs_is_shown_as_written_not_read_as_markup():
+    table = Table(["prompt", "completion"], [["Q: 3*4*5=", "<b>60</b> | _x_"]])
+    assert "| Q: 3\\*4\\*5= | \\<b\\>60\\</b\\> \\| \\_x\\_ |" in render_markdown("t", [table])
+    assert "<td>&lt;b&gt;60&lt;/b&gt; | _x_</td>" in render_html("t", [table])
 
 
 def test_running_and_failed_runs_are_reported_with_their_status(rlhf, tmp_path):
@@ -176,6 +182,8 @@ BAD_PATHS = [
     ("missing", ["nowhere"], "nowhere: no such directory"),
     ("a-file", ["notes.txt"], "notes.txt: not a directory"),
     ("no-runs", ["empty"], "empty: not a run directory (no manifest.json"),
+    ("runs-a-level-down", ["runs"], "runs: not a run directory (no manifest.json in it or in its direct subdirectories); "
+                                    "the runs are a level down: pass one of runs/default"),
     ("no-metrics", ["nometrics"], "nometrics: holds no metrics"),
     ("corrupt-metrics", ["corrupt"], "corrupt/metrics.jsonl:1: not a JSON object"),
     ("several-without-out", ["runs/default/sft", "runs/default/dpo"], "several RUN_DIRs: say where their report goes with --out DIR"),
@@ -200,6 +208,20 @@ def test_bad_paths_are_one_error_line(rlhf, tmp_path, args, expected):
     assert len(error_lines) == 1 and expected in error_lines[0], result.output
     assert sorted(path.name for path in (tmp_path / "runs/default").iterdir()) == ["dpo", "grpo", "rm", "sft"]
     assert (tmp_path / "empty/unrelated.txt").is_file()
+
+
+def test_an_unexpected_failure_is_one_error_line_and_debug_shows_the_traceback(rlhf, tmp_path, monkeypatch):
+    write_run(tmp_path / "run", "sft", training_rows(3.0))
+
+    def broken(*args, **kwargs):
+        raise ValueError("no plot today")
+
+    monkeypatch.setattr("rlhf_cli.report.build.write_plots", broken)
+    result = rlhf("report", "run", "--samples", "0")
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: ValueError: no plot today (run with --debug for the traceback)"
+    result = rlhf("report", "run", "--samples", "0", "--debug")
+    assert isinstance(result.exception, ValueError)
 
 
 def test_a_cut_off_last_metrics_line_is_left_out(tmp_path):

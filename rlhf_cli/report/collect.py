@@ -101,7 +101,9 @@ def _runs_in(run_dir: Path) -> list[ReportedRun]:
         return [_read_run(run_dir)]
     found = [_read_run(child) for child in run_dir.iterdir() if (child / MANIFEST).is_file()]
     if not found:
-        raise UserError(f"{run_dir}: not a run directory (no {MANIFEST} in it or in its subdirectories)")
+        nested = sorted({manifest.parent.parent for manifest in run_dir.glob(f"*/*/{MANIFEST}")})
+        hint = f"; the runs are a level down: pass one of {', '.join(map(str, nested))}" if nested else ""
+        raise UserError(f"{run_dir}: not a run directory (no {MANIFEST} in it or in its direct subdirectories){hint}")
     return sorted(found, key=lambda run: (_stage_rank(run.stage), _natural_key(run.path.name)))
 
 

@@ -5,6 +5,7 @@ Standard library only: the CLI reads PageFormat when it declares `rlhf report`."
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Union
@@ -90,12 +91,12 @@ def render_html(title: str, blocks: list[Block]) -> str:
 
 
 def render_markdown(title: str, blocks: list[Block]) -> str:
-    parts = [f"# {title}"]
+    parts = [f"# {_markdown_text(title)}"]
     for block in blocks:
         if isinstance(block, Heading):
-            parts.append(f"{'#' * block.level} {block.text}")
+            parts.append(f"{'#' * block.level} {_markdown_text(block.text)}")
         elif isinstance(block, Paragraph):
-            parts.append(block.text)
+            parts.append(_markdown_text(block.text))
         elif isinstance(block, Table):
             lines = [_markdown_row(block.header), "|" + " --- |" * len(block.header)]
             parts.append("\n".join(lines + [_markdown_row(row) for row in block.rows]))
@@ -108,4 +109,9 @@ def render_markdown(title: str, blocks: list[Block]) -> str:
 
 
 def _markdown_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", "<br>") for cell in cells) + " |"
+    return "| " + " | ".join(_markdown_text(cell).replace("\n", "<br>") for cell in cells) + " |"
+
+
+def _markdown_text(text: str) -> str:
+    """Text shown as written: a prompt such as `3*4*5=` or a completion holding `<tag>` is not markup."""
+    return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", text)

@@ -28,8 +28,9 @@ def page_blocks(runs: list[ReportedRun], plots: list[Plot], samples: dict[str, l
     blocks += [Paragraph(f"{run.label} failed: {run.manifest['error']}") for run in runs if run.manifest.get("error")]
     accuracy = accuracy_table(runs)
     if accuracy is not None:
-        blocks += [Heading("Held-out accuracy after each stage"),
-                   Paragraph(f"{ACCURACY}: greedy exact match on the evaluation rows with an answer."), accuracy]
+        blocks += [Heading("Held-out accuracy"),
+                   Paragraph(f"{ACCURACY} after each run (greedy exact match on the evaluation rows with an answer), "
+                             "and its change over the run it started from."), accuracy]
     metrics = final_metrics_table(runs)
     if metrics is not None:
         blocks += [Heading("Final metrics"), metrics]
