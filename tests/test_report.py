@@ -15,7 +15,7 @@ from rlhf_cli.report.build import write_report
 from rlhf_cli.report.collect import collect_runs
 from rlhf_cli.report.document import PageFormat, Table, render_html, render_markdown
 from rlhf_cli.report.page import accuracy_table
-from rlhf_cli.report.plots import metric_figure
+from rlhf_cli.report.plots import metric_figure, overview_figure
 from tests.conftest import QUICK, write_jsonl
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -90,6 +90,14 @@ def test_a_chain_is_overlaid_with_the_accuracy_after_each_stage(rlhf, tmp_path):
     assert list(lines[2].get_ydata()) == pytest.approx([2.5 - 0.1 * s for s in range(1, 11)])
     eval_lines = metric_figure("eval/accuracy", runs).axes[0].get_lines()
     assert {line.get_label(): list(line.get_ydata()) for line in eval_lines}["dpo"] == [0.522, 0.792]
+    assert [line.get_label() for line in eval_lines] == ["sft", "rm", "dpo", "grpo"]  # every logged line
+
+    # The overview's eval/accuracy is answer accuracy: train-rm's (pairs ranked right) is left out there.
+    panels = {axes.get_title(): axes.get_lines() for axes in overview_figure(runs).axes}
+    assert sorted(panels) == ["eval/accuracy", "kl", "loss", "reward/mean"]
+    assert [line.get_label() for line in panels["eval/accuracy"]] == ["sft", "dpo", "grpo"]
+    assert [line.get_label() for line in panels["loss"]] == ["sft", "rm", "dpo", "grpo"]
+    assert panels["eval/accuracy"][1].get_color() == lines[2].get_color()  # dpo's colour in every plot
 
     # train-rm's eval/accuracy ranks preference pairs, so it is left out of the answer-accuracy table.
     assert accuracy_table(runs).rows == [["sft", "sft", "–", "0.522", "–"],

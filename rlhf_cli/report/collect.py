@@ -22,6 +22,10 @@ from rlhf_cli.runs import MANIFEST, RunDir
 
 # Stages in the order a chain runs them; runs of one directory are listed in this order.
 STAGE_ORDER = ("sft", "train-rm", "dpo", "grpo", "ppo")
+ACCURACY = "eval/accuracy"
+# A reward model's eval/accuracy is the share of preference pairs it ranks right; the policies' is
+# greedy exact match of answers. Tables and the overview of answer accuracy leave these stages out.
+PAIR_ACCURACY_STAGES = ("train-rm",)
 
 
 @dataclass

@@ -9,16 +9,19 @@ from typing import TYPE_CHECKING, Any, Optional
 import yaml
 
 from rlhf_cli.metrics import format_value
-from rlhf_cli.report.collect import ReportedRun, describe_parents, metric_order, parent_run
+from rlhf_cli.report.collect import (
+    ACCURACY,
+    PAIR_ACCURACY_STAGES,
+    ReportedRun,
+    describe_parents,
+    metric_order,
+    parent_run,
+)
 from rlhf_cli.report.document import Block, Collapsible, Heading, Images, Paragraph, Table
 from rlhf_cli.report.plots import Plot
 
 if TYPE_CHECKING:
     from rlhf_cli.report.samples import Sample  # imports torch
-
-ACCURACY = "eval/accuracy"
-# A reward model's eval/accuracy ranks preference pairs; it is not the policies' answer accuracy.
-NOT_ANSWER_ACCURACY = ("train-rm",)
 
 
 def page_blocks(runs: list[ReportedRun], plots: list[Plot], samples: dict[str, list[Sample]],
@@ -60,7 +63,7 @@ def accuracy_table(runs: list[ReportedRun]) -> Optional[Table]:
     rows = []
     for run in runs:
         accuracy = run.final_metrics.get(ACCURACY)
-        if run.stage in NOT_ANSWER_ACCURACY or accuracy is None:
+        if run.stage in PAIR_ACCURACY_STAGES or accuracy is None:
             continue
         parent = parent_run(run, runs)
         before = parent.final_metrics.get(ACCURACY) if parent is not None else None

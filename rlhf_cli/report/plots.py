@@ -18,10 +18,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from rlhf_cli.report.collect import ReportedRun, metric_order
+from rlhf_cli.report.collect import ACCURACY, PAIR_ACCURACY_STAGES, ReportedRun, metric_order
 
 # The small multiples of the overview, those that any run logged.
-OVERVIEW_METRICS = ("loss", "eval/accuracy", "reward/mean", "kl")
+OVERVIEW_METRICS = ("loss", ACCURACY, "reward/mean", "kl")
 OVERVIEW_FILE = "overview.png"
 # Beyond this many runs a legend inside the axes hides the lines; it moves to the right of the figure.
 LEGEND_INSIDE_MAX_RUNS = 4
@@ -59,7 +59,7 @@ def metric_figure(metric: str, runs: list[ReportedRun]) -> Figure:
     width = 6.4 + (_legend_entry_width([run.label for run in runs]) if legend_outside else 0)
     figure = Figure(figsize=(width, 4.0), layout="constrained")
     axes = figure.add_subplot()
-    _draw(axes, metric, runs)
+    _draw(axes, metric, runs, runs)
     axes.set_title(metric, fontsize=12, fontweight="bold")
     if legend_outside:
         figure.legend(loc="outside right upper", fontsize="small", frameon=False)
@@ -78,30 +78,33 @@ def overview_figure(runs: list[ReportedRun]) -> Optional[Figure]:
     figure = Figure(figsize=(5.2 * columns, 3.4 * rows), layout="constrained")
     grid = figure.subplots(rows, columns, squeeze=False)
     for axes, metric in zip(grid.flat, shown):
-        _draw(axes, metric, runs)
+        drawn = [run for run in runs if metric != ACCURACY or run.stage not in PAIR_ACCURACY_STAGES]
+        _draw(axes, metric, drawn, runs)
         axes.set_title(metric, fontsize=11, fontweight="bold")
     for unused in list(grid.flat)[len(shown):]:
         unused.remove()
     figure.suptitle("Key metrics", fontsize=13, fontweight="bold")
     if len(runs) > 1:
         # One entry per run drawn in any panel, as a plain line: panels differ in their markers.
-        drawn = [(index, run) for index, run in enumerate(runs) if any(metric in run.series for metric in shown)]
-        handles = [Line2D([], [], **_run_style(index)) for index, _ in drawn]
-        labels = [run.label for _, run in drawn]
+        labels = [label for axes in figure.axes for label in axes.get_legend_handles_labels()[1]]
+        drawn = [run for run in runs if run.label in labels]
+        handles = [Line2D([], [], **_run_style(run, runs)) for run in drawn]
+        labels = [run.label for run in drawn]
         columns = max(1, min(len(labels), int(figure.get_figwidth() // _legend_entry_width(labels))))
         figure.legend(handles, labels, loc="outside lower center", ncols=columns, frameon=False)
     return figure
 
 
-def _draw(axes: Axes, metric: str, runs: list[ReportedRun]) -> None:
+def _draw(axes: Axes, metric: str, drawn: list[ReportedRun], runs: list[ReportedRun]) -> None:
+    """The `drawn` runs' lines of `metric`, each in its colour among all the report's `runs`."""
     evaluation = metric.startswith("eval/")
-    for index, run in enumerate(runs):
+    for run in drawn:
         series = run.series.get(metric)
         if series is None:
             continue
         # A lone training point would be invisible as a line.
         marker = "o" if evaluation or len(series.steps) == 1 else None
-        axes.plot(series.steps, series.values, label=run.label, marker=marker, markersize=4, **_run_style(index))
+        axes.plot(series.steps, series.values, label=run.label, marker=marker, markersize=4, **_run_style(run, runs))
     axes.set_xlabel("step")
     axes.set_ylabel(metric)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -109,8 +112,10 @@ def _draw(axes: Axes, metric: str, runs: list[ReportedRun]) -> None:
     axes.spines[["top", "right"]].set_visible(False)
 
 
-def _run_style(index: int) -> dict[str, object]:
-    """The n-th run's colour, the same in every plot; past ten runs the colours repeat with another dash."""
+def _run_style(run: ReportedRun, runs: list[ReportedRun]) -> dict[str, object]:
+    """A run's colour, from its place in the report, so the same in every plot; past ten runs the
+    colours repeat with another dash."""
+    index = runs.index(run)
     return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":")[index // 10 % 3], "linewidth": 1.6}
 
 
