@@ -5,6 +5,8 @@ Re-dispatching into `@hydra.main` (rather than composing inside the verb) keeps 
 `--cfg job`, `--info`. Before that hand-over, every job the arguments describe is composed and
 checked here, so that a bad key or value is one `error:` line before anything starts.
 
+`rlhf report` is a plain verb: it reads run directories and runs no stage, so Hydra has no part in it.
+
 This module is the one place that turns an error into `error: ...` and an exit code.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -20,6 +23,7 @@ from typer.core import TyperCommand
 
 from rlhf_cli import __version__
 from rlhf_cli.errors import UserError
+from rlhf_cli.report.document import PageFormat
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -347,6 +351,36 @@ def _run_stage(stage: str, overrides: list[str]) -> int:
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 1
     return 0
+
+
+@app.command("report", help="Plots, final metrics, accuracy after each stage and sample generations of runs, as a page.")
+def report(
+    run_dirs: list[Path] = typer.Argument(
+        ..., metavar="RUN_DIR", show_default=False,
+        help="A stage run, a directory of stage runs (runs/default) or a sweep directory; several are overlaid."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Directory to write the report into (replaced). Default: RUN_DIR/report; needed for several RUN_DIRs."),
+    samples: int = typer.Option(5, "--samples", min=0, help="Greedy generations shown per model (0: none, and no model is loaded)."),
+    page_format: PageFormat = typer.Option(PageFormat.html, "--format", help="index.html, or index.md for Markdown."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+) -> None:
+    from rich.console import Console
+
+    from rlhf_cli.report.build import print_summary, write_report
+
+    if samples:
+        _setup_logging()  # sampling loads models: transformers' progress bars and warnings would bury the summary
+    try:
+        written = write_report(run_dirs, out, samples, page_format)
+    except UserError as exc:
+        if debug:
+            raise
+        _die(str(exc), exc.exit_code)
+    except Exception as exc:
+        if debug:
+            raise
+        _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
+    print_summary(written, Console())
 
 
 def main() -> None:

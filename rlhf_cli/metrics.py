@@ -31,14 +31,14 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    parts = []
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            text = f"{value:.3e}" if key == "lr" else f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
-        else:
-            text = str(value)
-        parts.append(f"{key} {text}")
-    return "  ".join(parts)
+    return "  ".join(f"{key} {format_value(key, value)}" for key, value in metrics.items())
+
+
+def format_value(key: str, value: Any) -> str:
+    """One metric as the console and `rlhf report` show it: lr in scientific notation, big figures whole."""
+    if isinstance(value, float):
+        return f"{value:.3e}" if key == "lr" else f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+    return str(value)
 
 
 class Throughput:

@@ -32,6 +32,7 @@ log = logging.getLogger("rlhf")
 
 DEFAULT_PRESET = "all"
 DEFAULT_OUTPUT_DIR = "runs/default"
+REPORT_SAMPLES = 5  # greedy generations of each model shown in the report
 
 
 @dataclass
@@ -139,16 +140,15 @@ def run(args: list[str], run_stage) -> int:
         ran.append(step.stage)
     if not ran:
         log.info(f"pipeline {pipeline.name}: every stage in {pipeline.output_dir} is already complete; nothing to do")
-    _summary(pipeline)
+    _report(pipeline)
     return 0
 
 
-def _summary(pipeline: Pipeline) -> None:
-    lines = []
-    for step in pipeline.stages:
-        manifest = RunDir(step.directory).read_manifest() or {}
-        metrics = manifest.get("final_metrics") or {}
-        figures = "  ".join(f"{key} {metrics[key]:.4g}" for key in ("eval/accuracy", "eval/reward", "accuracy")
-                            if isinstance(metrics.get(key), (int, float)))
-        lines.append(f"  {step.stage:<9} {manifest.get('status', 'not run'):<10} {figures}")
-    log.info("pipeline summary:\n" + "\n".join(lines))
+def _report(pipeline: Pipeline) -> None:
+    """The report of the whole run directory (rlhf report), and its summary on the terminal."""
+    from rich.console import Console
+
+    from rlhf_cli.report.build import print_summary, write_report
+    from rlhf_cli.report.document import PageFormat
+
+    print_summary(write_report([pipeline.output_dir], None, REPORT_SAMPLES, PageFormat.html), Console(stderr=True))

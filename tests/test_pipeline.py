@@ -25,6 +25,7 @@ def test_runs_the_preset_then_skips_what_is_done_and_retrains_what_changed(rlhf,
     runs = tmp_path / "runs/default"
     assert _status(runs / "sft") == _status(runs / "dpo") == "completed"
     dpo = json.loads((runs / "dpo/manifest.json").read_text())
+    assert (runs / "report/index.html").is_file() and "report: runs/default/report/index.html" in result.output
     assert dpo["parents"]["model"]["run_id"] == json.loads((runs / "sft/manifest.json").read_text())["run_id"]
 
     again = rlhf("pipeline", *SHORT)

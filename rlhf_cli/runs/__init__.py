@@ -66,14 +66,15 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         yield tmp
         distributed.barrier()
         if distributed.is_main():
-            _publish(tmp, target)
+            publish_directory(tmp, target)
     finally:
         distributed.barrier()
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish(tmp: Path, target: Path) -> None:
+def publish_directory(tmp: Path, target: Path) -> None:
+    """Put the finished directory `tmp` in place of `target` (replacing any older one) by renames."""
     _fsync_tree(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
