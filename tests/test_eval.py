@@ -80,6 +80,17 @@ def test_a_reward_model_is_scored_on_preference_pairs_as_train_rm_scores_it(rlhf
     assert all("model.path is a reward model" in reason for reason in evaluated["skipped"].values())
 
 
+def test_weights_cast_to_bf16_give_every_metric(rlhf, tmp_path, chain):
+    result = rlhf("eval", f"from_run={chain}", "model.dtype=bf16", "output_dir=policy", *EVAL_QUICK)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "policy/eval.json").read_text())["metrics"]
+    assert list(metrics) == ["accuracy", "reward", "win_rate", "kl"] and abs(metrics["kl"]["value"]) < 1e-5
+    assert all(math.isfinite(metric["value"]) for metric in metrics.values())
+    result = rlhf("eval", f"model.path={chain / 'rm/final'}", "model.dtype=bf16", "output_dir=rm", *EVAL_QUICK)
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads((tmp_path / "rm/eval.json").read_text())["metrics"]["rm_accuracy"]["value"] <= 1
+
+
 def test_accuracy_counts_greedy_completions_equal_to_the_answer(rlhf, tmp_path):
     from rlhf_cli.config.schema import ModelConfig
     from rlhf_cli.data.formats import SFTExample
