@@ -30,6 +30,7 @@ import contextlib
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,15 +72,31 @@ METRICS = ("accuracy", "reward", "win_rate", "kl", "rm_accuracy")
 GENERATING_METRICS = METRICS[:4]
 
 
+@dataclass(frozen=True)
+class Source:
+    """A model the evaluated one is compared with or scored by: its path, or why there is none."""
+
+    path: Optional[str]
+    missing: Optional[str] = None
+
+
 def run(cfg: Any, overrides: list[str]) -> dict[str, Any]:
-    # 1. The model, what kind it is, and where the result goes (never into a stage's run directory).
+    # 1. The model and what kind it is; for a causal LM its reference and reward model (explicit,
+    #    chained from from_run, or absent and why). The result never goes into a stage's run directory.
     _refuse_stage_run(cfg.output_dir)
     model_path = cfg.model.path or chained_final(cfg.from_run, "sft", "model.path")
     model_keys = _loading_keys(cfg, model_path, revision=cfg.model.revision)
     kind = model_kind(model_keys)
+    evaluated: dict[str, Any] = {"model": describe_model_source(model_path) | {"kind": kind}, "reference": None, "reward_model": None}
+    if kind == CAUSAL_LM:
+        reference = _explicit_or_chained(cfg.ref.path, cfg.from_run, "sft", "ref.path")
+        reward = _explicit_or_chained(cfg.reward.path, cfg.from_run, "train-rm", "reward.path")
+        _expect_kind(cfg, reference.path, "ref.path", CAUSAL_LM)
+        _expect_kind(cfg, reward.path, "reward.path", REWARD_MODEL)
+        evaluated["reference"] = describe_model_source(reference.path) if reference.path else None
+        evaluated["reward_model"] = describe_model_source(reward.path) if reward.path else None
     device, dtype = default_device(), resolve_dtype(cfg.model.dtype.value)
     tokenizer = load_tokenizer(model_keys)
-    evaluated: dict[str, Any] = {"model": describe_model_source(model_path) | {"kind": kind}, "reference": None, "reward_model": None}
     log.info(f"eval: {model_path} ({kind.replace('_', ' ')}) -> {Path(cfg.output_dir) / EVAL_JSON}")
 
     # 2. The metrics of its kind; the others are skipped, with the reason.
@@ -91,7 +108,7 @@ def run(cfg: Any, overrides: list[str]) -> dict[str, Any]:
         else:
             skipped["rm_accuracy"] = "data.eval is null"
     else:
-        metrics, skipped = _evaluate_causal_lm(cfg, model_keys, tokenizer, device, dtype, evaluated)
+        metrics, skipped = _evaluate_causal_lm(cfg, model_keys, tokenizer, device, dtype, reference, reward)
         skipped["rm_accuracy"] = "model.path is a causal LM; rm_accuracy needs a reward model (a train-rm final/)"
 
     # 3. eval.json, whole or not at all, and the table.
@@ -113,25 +130,15 @@ def run(cfg: Any, overrides: list[str]) -> dict[str, Any]:
 
 
 def _evaluate_causal_lm(cfg: Any, model_keys: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtype,
-                        evaluated: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """accuracy, reward, win_rate and kl of a causal LM, each computed when its inputs exist; records the
-    reference and reward model it used in `evaluated`."""
+                        reference_source: Source, reward_source: Source) -> tuple[dict[str, Any], dict[str, str]]:
+    """accuracy, reward, win_rate and kl of a causal LM, each computed when its inputs exist."""
     e = cfg.eval
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    # a. The reference and the reward model: explicit, chained from from_run, or absent (and why).
-    reference_path, no_reference = _explicit_or_chained(cfg.ref.path, cfg.from_run, "sft", "ref.path")
-    reward_path, no_reward = _explicit_or_chained(cfg.reward.path, cfg.from_run, "train-rm", "reward.path")
-    reference_keys = _loading_keys(cfg, reference_path) if reference_path else None
-    reward_keys = _loading_keys(cfg, reward_path) if reward_path else None
-    _expect_kind(reference_keys, "ref.path", CAUSAL_LM)
-    _expect_kind(reward_keys, "reward.path", REWARD_MODEL)
-    evaluated["reference"] = describe_model_source(reference_path) if reference_path else None
-    evaluated["reward_model"] = describe_model_source(reward_path) if reward_path else None
     policy = load_causal_lm(model_keys, tokenizer, seed=e.seed).to(device, dtype).eval()
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
 
-    # b. accuracy: greedy completions of the rows with an answer.
+    # a. accuracy: greedy completions of the rows with an answer.
     if not e.accuracy_data or not e.generate:
         skipped["accuracy"] = "eval.accuracy_data is null" if not e.accuracy_data else "eval.generate is 0"
     else:
@@ -141,7 +148,7 @@ def _evaluate_causal_lm(cfg: Any, model_keys: ModelConfig, tokenizer, device: to
         metrics["accuracy"] = {"value": exact_match_rate(texts, examples), "math": sum(math) / len(math),
                                "rows": len(examples), "data": e.accuracy_data}
 
-    # c. The model's completions to data.prompts, and the reference's from the same seeds.
+    # b. The model's completions to data.prompts; kl to the reference on them.
     if not cfg.data.prompts:
         return metrics, skipped | dict.fromkeys(("reward", "win_rate", "kl"), "data.prompts is null")
     rows = load_rows(cfg.data.prompts, subset=cfg.data.subset, split=cfg.data.split)[: e.max_samples or None]
@@ -149,21 +156,24 @@ def _evaluate_causal_lm(cfg: Any, model_keys: ModelConfig, tokenizer, device: to
     completions = _complete(policy, prompts, tokenizer.pad_token_id, stop_ids, e)
     on_prompts = {"prompts": len(prompts), "data": cfg.data.prompts}
     reference = None
-    if reference_keys is None:
-        skipped["win_rate"] = skipped["kl"] = no_reference
+    if reference_source.path is None:
+        skipped["win_rate"] = skipped["kl"] = reference_source.missing
     else:
+        reference_keys = _loading_keys(cfg, reference_source.path)
         _expect_same_tokenizer(reference_keys, tokenizer)
         reference = load_causal_lm(reference_keys, tokenizer, seed=e.seed).to(device, dtype).eval()
-        kl = completion_kl(policy, reference, prompts, completions, tokenizer.pad_token_id, e.temperature or 1.0, e.batch_size)
+        scoring_temperature = e.temperature if e.temperature > 0 else 1.0  # greedy completions: the models as they are
+        kl = completion_kl(policy, reference, prompts, completions, tokenizer.pad_token_id, scoring_temperature, e.batch_size)
         metrics["kl"] = {"value": float(kl.mean()), "estimator": "k1", "completions": "sampled" if e.temperature else "greedy",
-                         "temperature": e.temperature, "mean_tokens": sum(map(len, completions)) / len(completions)} | on_prompts
+                         "temperature": e.temperature, "completion_length": sum(map(len, completions)) / len(completions)} | on_prompts
 
-    # d. reward and win_rate: the reward model scores both models' completions (as text, with its own tokenizer).
-    if reward_keys is None:
-        skipped["reward"] = no_reward
-        skipped.setdefault("win_rate", no_reward)
+    # c. reward and win_rate: the reward model scores the model's completions and, from the same seeds, the
+    #    reference's (as text, with its own tokenizer).
+    if reward_source.path is None:
+        skipped["reward"] = reward_source.missing
+        skipped.setdefault("win_rate", reward_source.missing)
         return metrics, skipped
-    scorer = RewardModel(reward_keys, reward_path, device, batch_size=e.batch_size)
+    scorer = RewardModel(_loading_keys(cfg, reward_source.path), reward_source.path, device, batch_size=e.batch_size)
     scorer.model.to(dtype)
     examples = [p.example for p in prompts]
     prompt_texts = tokenizer.batch_decode([p.ids for p in prompts], skip_special_tokens=True)
@@ -231,22 +241,22 @@ def _loading_keys(cfg: Any, path: str, revision: Optional[str] = None) -> ModelC
                        trust_remote_code=cfg.model.trust_remote_code, revision=revision)
 
 
-def _explicit_or_chained(path: Optional[str], from_run: str, parent_stage: str, key: str) -> tuple[Optional[str], Optional[str]]:
-    """(path, None) for an explicit path or from_run's completed `parent_stage` final/; (None, why) when from_run holds none."""
+def _explicit_or_chained(path: Optional[str], from_run: str, parent_stage: str, key: str) -> Source:
+    """An explicit path, else from_run's completed `parent_stage` final/; when from_run holds none, the reason."""
     if path is not None:
-        return path, None
+        return Source(path)
     try:
-        return chained_final(from_run, parent_stage, key), None
+        return Source(chained_final(from_run, parent_stage, key))
     except UserError as missing:
-        return None, str(missing)
+        return Source(None, str(missing))
 
 
-def _expect_kind(model_keys: Optional[ModelConfig], key: str, kind: str) -> None:
-    if model_keys is None:
+def _expect_kind(cfg: Any, path: Optional[str], key: str, kind: str) -> None:
+    if path is None:
         return
-    found = model_kind(model_keys, key)
+    found = model_kind(_loading_keys(cfg, path), key)
     if found != kind:
-        raise UserError(f"{key}: {model_keys.path} is a {found.replace('_', ' ')}, not a {kind.replace('_', ' ')}")
+        raise UserError(f"{key}: {path} is a {found.replace('_', ' ')}, not a {kind.replace('_', ' ')}")
 
 
 def _expect_same_tokenizer(reference_keys: ModelConfig, tokenizer) -> None:
@@ -281,7 +291,7 @@ def _described(name: str, metric: dict[str, Any], result: dict[str, Any]) -> str
         return f"mean score of {metric['prompts']} completions to {metric['data']} by {result['reward_model']['path']}"
     if name == "win_rate":
         return (f"against {result['reference']['path']}: {metric['wins']} wins, {metric['ties']} ties, {metric['losses']} losses "
-                f"(its reward {metric['reference_reward']:.4f})")
+                f"(the reference's reward {metric['reference_reward']:.4f})")
     if name == "kl":
         return f"k1 to {result['reference']['path']}, summed over each of {metric['prompts']} {metric['completions']} completions"
     return f"{metric['pairs']} pairs of {metric['data']} (mean margin {metric['margin']:.4f})"
