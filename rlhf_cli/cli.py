@@ -283,11 +283,11 @@ class _StageCommand(TyperCommand):
         super().format_epilog(ctx, formatter)
 
 
-def _make_stage_command(stage: str, help: str) -> None:
+def _make_stage_command(stage: str, summary: str) -> None:
     @app.command(
         stage,
         cls=_StageCommand,
-        help=help,
+        help=summary,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )
     def command(
@@ -305,8 +305,8 @@ def _make_stage_command(stage: str, help: str) -> None:
             _die(str(exc), exc.exit_code)
 
 
-for _stage, _help in STAGE_HELP.items():
-    _make_stage_command(_stage, _help)
+for _stage, _summary in STAGE_HELP.items():
+    _make_stage_command(_stage, _summary)
 _make_stage_command("eval", EVAL_HELP)
 
 

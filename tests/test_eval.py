@@ -113,6 +113,20 @@ def test_accuracy_counts_greedy_completions_equal_to_the_answer(rlhf, tmp_path):
     assert accuracy["value"] == 0.5 and accuracy["rows"] == 4 and accuracy["data"] == str(data)
 
 
+def test_data_split_picks_the_split_of_a_dataset_directory(rlhf, tmp_path):
+    rows = [{"prompt": f"Q: {i}+1=", "completion": str(i + 1), "answer": str(i + 1)} for i in range(5)]
+    (tmp_path / "sets").mkdir()
+    write_jsonl(tmp_path / "sets/train.jsonl", rows)
+    write_jsonl(tmp_path / "sets/test.jsonl", rows[:3])
+    common = ["model.path=tiny", "ref.path=tiny", "from_run=nothing", "data.prompts=sets", "eval.accuracy_data=sets",
+              "eval.generate=10", "eval.max_new_tokens=2"]
+    for split, expected in (("test", 3), ("train", 5)):  # test: the default
+        result = rlhf("eval", *common, f"data.split={split}", f"output_dir={split}")
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((tmp_path / split / "eval.json").read_text())["metrics"]
+        assert metrics["accuracy"]["rows"] == expected and metrics["kl"]["prompts"] == expected
+
+
 def test_what_is_missing_is_skipped_with_the_reason(rlhf, tmp_path, chain):
     result = rlhf("eval", "model.path=tiny", "from_run=nothing", *EVAL_QUICK)
     assert result.exit_code == 0, result.output

@@ -38,7 +38,10 @@ def check_overrides(stage: str, overrides: list[str], file_overrides: list[FileO
     origins = {o.text: o.origin for o in file_overrides}
     configs = [load_config(stage, job, origins) for job in sweep_jobs(overrides)]
     for cfg in configs:
-        check_eval_sources(cfg) if stage == "eval" else check_sources(cfg)
+        if stage == "eval":
+            check_eval_sources(cfg)
+        else:
+            check_sources(cfg)
     return configs
 
 
@@ -73,7 +76,10 @@ def load_config(stage: str, overrides: list[str], origins: dict[str, str] | None
         resolved = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _translate(exc, CONFIG_SCHEMAS[stage], origins) from None
-    validate_eval(resolved) if stage == "eval" else validate(resolved)
+    if stage == "eval":
+        validate_eval(resolved)
+    else:
+        validate(resolved)
     return resolved
 
 
