@@ -1,4 +1,4 @@
-"""The `rlhf` command: one Typer verb per stage, each handing its arguments to the stage's Hydra entry.
+"""The `rlhf` command: one Typer verb per stage (and `eval`), each handing its arguments to its Hydra entry.
 
 Re-dispatching into `@hydra.main` (rather than composing inside the verb) keeps all of Hydra:
 `-m` sweeps, launchers such as submitit's that re-compose the config in another process,
@@ -40,6 +40,8 @@ STAGE_HELP = {
     "ppo": "PPO against rm/final with a critic (InstructGPT step 3), from sft/final.",
     "grpo": "Group relative policy optimisation with rule, model, http or Python rewards, from sft/final.",
 }
+EVAL_HELP = ("Evaluate a checkpoint (sft/final unless model.path is set): accuracy, reward-model score, win rate and KL "
+             "against a reference, or a reward model's accuracy on preference pairs; writes eval.json.")
 # Hydra flags that take the next argument as their value.
 _HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                       "--config-dir", "-cd", "--experimental-rerun"}
@@ -104,6 +106,29 @@ def _task(cfg: Any) -> None:
         _report(str(stop))
         preemption.hand_over()  # under submitit: its handler requeues the job and exits
         raise SystemExit(EXIT_PREEMPTED)
+    except UserError as exc:
+        _die(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _die("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
+
+
+def _eval_task(cfg: Any) -> None:
+    """The Hydra task of `rlhf eval` (module level, so submitit can pickle it by reference)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from rlhf_cli import evaluate
+
+    _setup_logging()
+    hydra_cfg = HydraConfig.get()
+    try:
+        typed = OmegaConf.to_object(cfg)
+        typed.output_dir = hydra_cfg.runtime.output_dir
+        evaluate.run(typed, list(hydra_cfg.overrides.task))
     except UserError as exc:
         _die(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -197,7 +222,7 @@ def dispatch(stage: str, args: list[str]) -> None:
     overrides = [o.text for o in file_overrides] + overrides
     register_schemas()
     configs = [] if "--hydra-help" in flags else check_overrides(stage, overrides, file_overrides)
-    nproc = max((c.launcher.nproc for c in configs), default=1)
+    nproc = max((c.launcher.nproc for c in configs if hasattr(c, "launcher")), default=1)  # eval runs in one process
     if nproc > 1 and "WORLD_SIZE" not in os.environ and not _inspect_only(flags):
         raise SystemExit(_relaunch(stage, args, nproc))
     if any(flag in ("-m", "--multirun") for flag in flags):
@@ -205,7 +230,8 @@ def dispatch(stage: str, args: list[str]) -> None:
         fixed = ["resume", "logger", "output_dir"] + fixed_keys(overrides)
         overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]")
     sys.argv = [f"rlhf {stage}", *flags, *overrides]
-    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=stage, version_base="1.3")(_task)()
+    task = _eval_task if stage == "eval" else _task
+    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=stage, version_base="1.3")(task)()
 
 
 def _inspect_only(flags: list[str]) -> bool:
@@ -268,10 +294,10 @@ def _stop_all(processes: list, grace_s: float = 30.0) -> None:
 
 def _stage_epilog(stage: str) -> str:
     from rlhf_cli.config.compose import stage_defaults
-    from rlhf_cli.config.schema import STAGE_SCHEMAS, key_help
+    from rlhf_cli.config.schema import CONFIG_SCHEMAS, key_help
 
     defaults = stage_defaults(stage)
-    rows = [(key, defaults.get(key, default), text) for key, default, text in key_help(STAGE_SCHEMAS[stage]) if key != "stage"]
+    rows = [(key, defaults.get(key, default), text) for key, default, text in key_help(CONFIG_SCHEMAS[stage]) if key != "stage"]
     lines = []
     for key, default, text in rows:
         lines += [f"  {key}={default}", f"      {text}"]
@@ -279,7 +305,7 @@ def _stage_epilog(stage: str) -> str:
     return (
         "\b\nArguments: Hydra overrides (key=value, +key=value, ~key), conf=PATH.yaml (a YAML of keys,\n"
         "merged before the overrides), and Hydra flags: -m/--multirun for sweeps, --cfg job to print\n"
-        "the resolved config, --info, --hydra-help.\n\n\b\nKeys, with this stage's defaults:\n" + "\n".join(lines)
+        "the resolved config, --info, --hydra-help.\n\n\b\nKeys, with this command's defaults:\n" + "\n".join(lines)
     )
 
 
@@ -291,11 +317,11 @@ class _StageCommand(TyperCommand):
         super().format_epilog(ctx, formatter)
 
 
-def _make_stage_command(stage: str) -> None:
+def _make_stage_command(stage: str, summary: str) -> None:
     @app.command(
         stage,
         cls=_StageCommand,
-        help=STAGE_HELP[stage],
+        help=summary,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )
     def command(
@@ -313,8 +339,9 @@ def _make_stage_command(stage: str) -> None:
             _die(str(exc), exc.exit_code)
 
 
-for _stage in STAGE_HELP:
-    _make_stage_command(_stage)
+for _stage, _summary in STAGE_HELP.items():
+    _make_stage_command(_stage, _summary)
+_make_stage_command("eval", EVAL_HELP)
 
 
 @app.command(

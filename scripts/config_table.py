@@ -1,4 +1,4 @@
-"""Print the README's config-key table for a stage, from the typed schema and the stage's YAML.
+"""Print the README's config-key table of a command (a stage, or eval), from the typed schema and its YAML.
 
 Run: python scripts/config_table.py sft       (print one table)
      python scripts/config_table.py --write   (rewrite every table in README.md)
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from rlhf_cli.config.compose import stage_defaults
-from rlhf_cli.config.schema import STAGE_SCHEMAS, key_help
+from rlhf_cli.config.schema import CONFIG_SCHEMAS, key_help
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -18,7 +18,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def table(stage: str) -> str:
     defaults = stage_defaults(stage)
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for key, default, text in key_help(STAGE_SCHEMAS[stage]):
+    for key, default, text in key_help(CONFIG_SCHEMAS[stage]):
         if key != "stage":
             lines.append(f"| `{key}` | `{defaults.get(key, default)}` | {text.replace('|', '/')} |")
     return "\n".join(lines)
@@ -30,7 +30,7 @@ def table_block(stage: str) -> re.Pattern:
 
 def write_readme() -> None:
     text = README.read_text()
-    for stage in STAGE_SCHEMAS:
+    for stage in CONFIG_SCHEMAS:
         text = table_block(stage).sub(lambda m: m.group(1) + table(stage) + m.group(3), text)
     README.write_text(text)
 

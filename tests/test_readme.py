@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_cli.config.schema import STAGE_SCHEMAS
+from rlhf_cli.config.schema import CONFIG_SCHEMAS
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_SCHEMAS))
+@pytest.mark.parametrize("stage", sorted(CONFIG_SCHEMAS))
 def test_readme_config_table_is_current(stage):
     from config_table import table, table_block
 

@@ -20,7 +20,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from rlhf_cli.config.schema import STAGE_SCHEMAS, show_value
+from rlhf_cli.config.schema import CONFIG_SCHEMAS, show_value
 from rlhf_cli.config.user_yaml import FileOverride
 from rlhf_cli.errors import UserError
 
@@ -29,7 +29,7 @@ CONFIG_MODULE = "rlhf_cli.conf"
 
 def register_schemas() -> None:
     store = ConfigStore.instance()
-    for stage, schema in STAGE_SCHEMAS.items():
+    for stage, schema in CONFIG_SCHEMAS.items():
         store.store(name=f"{stage}_schema", node=schema)
 
 
@@ -38,7 +38,10 @@ def check_overrides(stage: str, overrides: list[str], file_overrides: list[FileO
     origins = {o.text: o.origin for o in file_overrides}
     configs = [load_config(stage, job, origins) for job in sweep_jobs(overrides)]
     for cfg in configs:
-        check_sources(cfg)
+        if stage == "eval":
+            check_eval_sources(cfg)
+        else:
+            check_sources(cfg)
     return configs
 
 
@@ -76,8 +79,11 @@ def load_config(stage: str, overrides: list[str], origins: dict[str, str] | None
                 compose(config_name=stage, overrides=overrides, return_hydra_config=True)
         resolved = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise _translate(exc, STAGE_SCHEMAS[stage], origins) from None
-    validate(resolved)
+        raise _translate(exc, CONFIG_SCHEMAS[stage], origins) from None
+    if stage == "eval":
+        validate_eval(resolved)
+    else:
+        validate(resolved)
     return resolved
 
 
@@ -278,15 +284,33 @@ def validate(cfg: Any) -> None:
             ("grpo.epsilon_high", g.epsilon_high >= 0, "must be non-negative"),
             ("grpo.inner_updates", g.inner_updates >= 1, "must be at least 1"),
         ]
-    for key, ok, rule in checks:
-        if not ok:
-            raise UserError(f"{key}: {_lookup(cfg, key)!r} {rule}")
+    _refuse_failed(cfg, checks)
     if ds.config is not None and not os.path.isfile(ds.config):
         raise UserError(f"deepspeed.config: '{ds.config}' is not a file")
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         raise UserError(f"resume: '{cfg.resume}' is not auto, never, or an existing checkpoint directory")
     if not cfg.output_dir:
         raise UserError("output_dir: must not be empty")
+
+
+def validate_eval(cfg: Any) -> None:
+    """The value checks of `rlhf eval`'s config (it has no training keys)."""
+    e = cfg.eval
+    _refuse_failed(cfg, [
+        ("eval.generate", e.generate >= 0, "must be non-negative (0: no accuracy)"),
+        ("eval.max_samples", e.max_samples >= 0, "must be non-negative (0: all)"),
+        ("eval.max_new_tokens", e.max_new_tokens >= 1, "must be at least 1"),
+        ("eval.temperature", e.temperature >= 0, "must be non-negative (0: greedy)"),
+        ("eval.batch_size", e.batch_size >= 1, "must be at least 1"),
+        ("data.max_length", cfg.data.max_length > e.max_new_tokens, f"must exceed eval.max_new_tokens={e.max_new_tokens} (room for the prompt)"),
+        ("output_dir", bool(cfg.output_dir), "must not be empty"),
+    ])
+
+
+def _refuse_failed(cfg: Any, checks: list[tuple[str, bool, str]]) -> None:
+    for key, ok, rule in checks:
+        if not ok:
+            raise UserError(f"{key}: {_lookup(cfg, key)!r} {rule}")
 
 
 def _lookup(cfg: Any, key: str) -> Any:
@@ -297,10 +321,6 @@ def _lookup(cfg: Any, key: str) -> Any:
 
 def check_sources(cfg: Any) -> None:
     """Local model and data paths that do not exist, and unknown built-in sets, before anything starts."""
-    from rlhf_cli.data.builtin import BUILTINS
-    from rlhf_cli.data.sources import BUILTIN_PREFIX, looks_local
-    from rlhf_cli.models import ADAPTER_CONFIG, TINY, adapter_base_config
-
     if cfg.model.path is None:
         if not hasattr(cfg, "from_run"):
             raise UserError(f"model.path: {cfg.stage} needs a model (tiny, a hub id or a local directory)")
@@ -309,24 +329,54 @@ def check_sources(cfg: Any) -> None:
         chained_final(cfg.from_run, "sft", "model.path")
     reference = getattr(getattr(cfg, "ref", None), "path", None)
     for key, path in (("model.path", cfg.model.path), ("ref.path", reference)):
-        if path is None or path == TINY:
-            continue
-        if looks_local(path) and not os.path.isdir(path):
-            raise UserError(f"{key}: '{path}' is not an existing directory (nor a hub id)")
-        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", ADAPTER_CONFIG)):
-            raise UserError(f"{key}: '{path}' has no config.json here, so it is not a model directory")
-        try:
-            adapter_base_config(replace(cfg.model, path=path))
-        except UserError as exc:
-            raise UserError(f"{key}: {exc}") from None
+        _check_model_path(key, path, cfg.model)
     sources = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
     if getattr(cfg.eval, "accuracy_data", None):
         sources.append(("eval.accuracy_data", cfg.eval.accuracy_data))
     for key, spec in sources:
-        if spec is None:
-            continue
-        if spec.startswith(BUILTIN_PREFIX):
-            if spec[len(BUILTIN_PREFIX) :] not in BUILTINS:
-                raise UserError(f"{key}: '{spec}' is not a built-in set (choose from builtin:{', builtin:'.join(sorted(BUILTINS))})")
-        elif looks_local(spec) and not os.path.exists(spec):
-            raise UserError(f"{key}: '{spec}' does not exist")
+        _check_data_source(key, spec)
+
+
+def check_eval_sources(cfg: Any) -> None:
+    """`rlhf eval`: the model to evaluate exists (explicit, or chained from from_run), and so do the
+    explicit reference, reward model and data. A chained reference or reward model that from_run lacks
+    is no error: the metrics that need it are skipped."""
+    if cfg.model.path is None:
+        from rlhf_cli.runs.chain import chained_final
+
+        chained_final(cfg.from_run, "sft", "model.path")
+    for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path), ("reward.path", cfg.reward.path)):
+        _check_model_path(key, path, cfg.model)
+    for key, spec in (("data.prompts", cfg.data.prompts), ("data.eval", cfg.data.eval), ("eval.accuracy_data", cfg.eval.accuracy_data)):
+        _check_data_source(key, spec)
+
+
+def _check_model_path(key: str, path: str | None, model_keys: Any) -> None:
+    """A local model directory that does not exist or holds no model, or an adapter whose base is gone."""
+    from rlhf_cli.data.sources import looks_local
+    from rlhf_cli.models import ADAPTER_CONFIG, TINY, adapter_base_config
+
+    if path is None or path == TINY:
+        return
+    if looks_local(path) and not os.path.isdir(path):
+        raise UserError(f"{key}: '{path}' is not an existing directory (nor a hub id)")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", ADAPTER_CONFIG)):
+        raise UserError(f"{key}: '{path}' has no config.json here, so it is not a model directory")
+    try:
+        adapter_base_config(replace(model_keys, path=path))
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from None
+
+
+def _check_data_source(key: str, spec: str | None) -> None:
+    """An unknown built-in set, or a local data path that does not exist."""
+    from rlhf_cli.data.builtin import BUILTINS
+    from rlhf_cli.data.sources import BUILTIN_PREFIX, looks_local
+
+    if spec is None:
+        return
+    if spec.startswith(BUILTIN_PREFIX):
+        if spec[len(BUILTIN_PREFIX) :] not in BUILTINS:
+            raise UserError(f"{key}: '{spec}' is not a built-in set (choose from builtin:{', builtin:'.join(sorted(BUILTINS))})")
+    elif looks_local(spec) and not os.path.exists(spec):
+        raise UserError(f"{key}: '{spec}' does not exist")

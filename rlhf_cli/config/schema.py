@@ -356,6 +356,76 @@ class PPOConfig(StageConfig):
 STAGE_SCHEMAS = {"sft": SFTConfig, "train-rm": TrainRMConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
 
 
+@dataclass
+class EvalModelKeys:
+    path: Optional[str] = _key(
+        None, "the checkpoint to evaluate: a causal LM or a train-rm reward model (a run's final/, a hub id, or tiny); null: sft/final of from_run"
+    )
+    dtype: DType = _key(DType.auto, "dtype the weights are cast to for inference: fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)")
+    attn_implementation: str = _key("sdpa", "attention kernel passed to transformers: sdpa, eager, flash_attention_2")
+    trust_remote_code: bool = _key(False, "run modelling code shipped with a hub model (off unless you trust it)")
+    revision: Optional[str] = _key(None, "hub revision (branch, tag or commit) of model.path")
+
+
+@dataclass
+class EvalReferenceKeys:
+    path: Optional[str] = _key(None, "the reference of win_rate and kl; null: sft/final of from_run when it is complete (else both are skipped)")
+
+
+@dataclass
+class EvalRewardKeys:
+    path: Optional[str] = _key(
+        None, "the reward model (a train-rm final/) that scores completions; null: rm/final of from_run when it is complete (else skipped)"
+    )
+
+
+@dataclass
+class EvalDataKeys:
+    prompts: Optional[str] = _key(
+        "builtin:arith_eval", "prompts whose sampled completions give reward, win_rate and kl (rows with a `prompt`); null: skip those"
+    )
+    eval: Optional[str] = _key(
+        "builtin:arith_prefs_near_eval", "preference pairs or ranked rows for rm_accuracy, when model.path is a reward model; null: skip it"
+    )
+    max_length: int = _key(512, "tokens per sample, prompt and response together")
+    truncation: Truncation = _key(
+        Truncation.truncate, "samples over max_length: truncate (a prompt keeps its end, a preference pair loses its end), drop, or error"
+    )
+    subset: Optional[str] = _key(None, "hub dataset configuration name (e.g. `main` for gsm8k)")
+    split: str = _key("test", "split of the hub datasets named by data.prompts, data.eval and eval.accuracy_data")
+
+
+@dataclass
+class EvalKeys:
+    accuracy_data: Optional[str] = _key(
+        "builtin:arith_eval", "rows with a prompt and an `answer` for accuracy (greedy exact match, and the math reward); null: skip it"
+    )
+    generate: int = _key(500, "rows of eval.accuracy_data decoded for accuracy (0: skip it)")
+    max_samples: int = _key(500, "prompts of data.prompts and rows of data.eval evaluated (0: all)")
+    max_new_tokens: int = _key(32, "tokens generated per completion at most")
+    temperature: float = _key(1.0, "sampling temperature of the completions of reward, win_rate and kl (0: greedy)")
+    seed: int = _key(0, "seed of the sampled completions (each prompt draws from its own) and of model.path=tiny's weights")
+    batch_size: int = _key(64, "rows per generation or forward call")
+
+
+@dataclass
+class EvalRunConfig:
+    """rlhf eval: the metrics of one checkpoint, written to <output_dir>/eval.json."""
+
+    stage: str = _key("eval", "the command this config runs (set by the command)")
+    output_dir: str = _key("runs/default/eval", "where eval.json is written (never a stage's run directory)")
+    from_run: str = _key("runs/default", "run directory whose sft/final (model and reference) and rm/final (reward model) are the defaults")
+    model: EvalModelKeys = field(default_factory=EvalModelKeys)
+    ref: EvalReferenceKeys = field(default_factory=EvalReferenceKeys)
+    reward: EvalRewardKeys = field(default_factory=EvalRewardKeys)
+    data: EvalDataKeys = field(default_factory=EvalDataKeys)
+    eval: EvalKeys = field(default_factory=EvalKeys)
+
+
+# Every command composed from conf/<name>.yaml: the training stages, and eval.
+CONFIG_SCHEMAS = {**STAGE_SCHEMAS, "eval": EvalRunConfig}
+
+
 def key_help(schema: type) -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every leaf key of a schema, in declaration order."""
     rows: list[tuple[str, str, str]] = []

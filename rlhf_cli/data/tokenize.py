@@ -174,8 +174,9 @@ class EncodedPrompt:
     example: PromptExample
 
 
-def encode_prompts(tokenizer, rows: Sequence, data_cfg: Any, max_new_tokens: int) -> list[EncodedPrompt]:
-    """Every prompt's tokens, fitted so that prompt and completion stay within data.max_length."""
+def encode_prompts(tokenizer, rows: Sequence, data_cfg: Any, max_new_tokens: int, name: str = "data.train") -> list[EncodedPrompt]:
+    """Every prompt's tokens, fitted so that prompt and completion stay within data.max_length; `name` is
+    the key of the rows, for messages."""
     room = data_cfg.max_length - max_new_tokens
     report = TruncationReport()
     prompts = []
@@ -183,11 +184,11 @@ def encode_prompts(tokenizer, rows: Sequence, data_cfg: Any, max_new_tokens: int
         ids = fit_prompt(encode_text_prompt(tokenizer, example.prompt), room, data_cfg.truncation, example.where, report)
         if ids is not None:
             prompts.append(EncodedPrompt(ids, example))
-    summary = report.summary("data.train", data_cfg.max_length)
+    summary = report.summary(name, data_cfg.max_length)
     if summary:
         log.warning(summary)
     if not prompts:
-        raise UserError(f"data.train: no prompt fits data.max_length={data_cfg.max_length}")
+        raise UserError(f"{name}: no prompt fits data.max_length={data_cfg.max_length}")
     return prompts
 
 

@@ -272,6 +272,34 @@ def load_reward_model(model_cfg: Any, tokenizer, seed: int):
     return model
 
 
+CAUSAL_LM = "causal_lm"  # a policy: generates
+REWARD_MODEL = "reward_model"  # a sequence-classification model with a scalar head (train-rm's final/)
+_ADAPTER_KINDS = {"CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": REWARD_MODEL}
+
+
+def model_kind(model_cfg: Any, key: str = "model.path") -> str:
+    """CAUSAL_LM or REWARD_MODEL: what the directory or hub id `model.path` holds, read from its config's
+    architectures, or for a LoRA adapter from its task type. Loading a reward model as a causal LM (or the
+    reverse) would not fail, it would draw a fresh head, so callers check this first. `key` names the path in errors."""
+    if model_cfg.path == TINY:
+        return CAUSAL_LM
+    adapter_file = Path(model_cfg.path) / ADAPTER_CONFIG
+    if adapter_file.is_file():
+        task_type = json.loads(adapter_file.read_text(encoding="utf-8")).get("task_type")
+        if task_type not in _ADAPTER_KINDS:
+            raise UserError(f"{key}: {model_cfg.path} is a LoRA adapter of task type {task_type}, neither CAUSAL_LM nor SEQ_CLS (a reward model)")
+        return _ADAPTER_KINDS[task_type]
+    from transformers import AutoConfig
+
+    architectures = _from_pretrained(AutoConfig, model_cfg.path, model_cfg).architectures or []
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return REWARD_MODEL
+    # A config that names no architecture is taken for a causal LM, as every stage takes the model it is given.
+    if not architectures or any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        return CAUSAL_LM
+    raise UserError(f"{key}: {model_cfg.path} is a {', '.join(architectures)}, neither a causal LM nor a sequence-classification reward model")
+
+
 def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
     local = Path(source)
     if not local.exists() and looks_local(source):
