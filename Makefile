@@ -21,7 +21,7 @@ $(BIN)/rlhf: pyproject.toml $(CONSTRAINTS)
 install: $(BIN)/rlhf
 
 demo: install
-	$(BIN)/rlhf sft
+	$(BIN)/rlhf pipeline
 
 test: install
 	$(BIN)/pytest -q -m "not slow and not slurm"
