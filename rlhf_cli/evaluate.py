@@ -59,7 +59,7 @@ from rlhf_cli.models import (
 )
 from rlhf_cli.rewards import RewardModel, math_reward
 from rlhf_cli.rollout import generate, row_seeds
-from rlhf_cli.runs import RunDir, library_versions, redact, write_json_atomic
+from rlhf_cli.runs import EVAL_JSON, RunDir, library_versions, redact, write_json_atomic
 from rlhf_cli.runs.chain import chained_final
 from rlhf_cli.stages import describe_model_source
 from rlhf_cli.stages.train_rm import _encode as encode_preference_groups
@@ -67,7 +67,6 @@ from rlhf_cli.stages.train_rm import evaluate as score_preference_groups
 
 log = logging.getLogger("rlhf")
 
-EVAL_JSON = "eval.json"
 METRICS = ("accuracy", "reward", "win_rate", "kl", "rm_accuracy")
 GENERATING_METRICS = METRICS[:4]
 

@@ -270,3 +270,16 @@ def test_the_cli_starts_without_loading_plotting_or_torch():
         capture_output=True, text=True, check=True,
     )
     assert loaded.stdout.strip() == ""
+
+
+def test_the_eval_json_of_rlhf_eval_beside_the_runs_is_shown(rlhf, tmp_path):
+    write_chain(tmp_path / "runs/default")
+    (tmp_path / "runs/default/eval").mkdir()
+    (tmp_path / "runs/default/eval/eval.json").write_text(json.dumps({
+        "model": {"path": "runs/default/dpo/final"}, "metrics": {"accuracy": 0.75, "win_rate": 0.6125},
+        "skipped": {"rm_accuracy": "model.path is a causal LM"}}))
+    result = rlhf("report", "runs/default", "--samples", "0")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "runs/default/report/index.html").read_text()
+    assert "Evaluations (rlhf eval)" in page
+    assert "0.6125" in page and "runs/default/dpo/final" in page and "model.path is a causal LM" in page

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import format_metrics
-from rlhf_cli.report.collect import ReportedRun, collect_runs
+from rlhf_cli.report.collect import ReportedRun, collect_evaluations, collect_runs
 from rlhf_cli.report.document import PageFormat, page_name, render
 from rlhf_cli.report.page import page_blocks
 from rlhf_cli.report.plots import write_plots
@@ -49,7 +49,7 @@ def write_report(run_dirs: list[Path], out: Optional[Path], samples: int, page_f
         plots = write_plots(runs, tmp)
         generations, sample_notes = _generations(runs, samples)
         title = "rlhf report: " + ", ".join(str(run_dir) for run_dir in run_dirs)
-        page = render(page_format, title, page_blocks(runs, plots, generations, sample_notes))
+        page = render(page_format, title, page_blocks(runs, plots, generations, sample_notes, collect_evaluations(run_dirs)))
         (tmp / page_name(page_format)).write_text(page, encoding="utf-8")
         publish_directory(tmp, target)
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.runs import MANIFEST, RunDir
+from rlhf_cli.runs import EVAL_JSON, MANIFEST, RunDir
 
 # Stages in the order a chain runs them; runs of one directory are listed in this order.
 STAGE_ORDER = ("sft", "train-rm", "dpo", "grpo", "ppo")
@@ -94,6 +94,20 @@ def collect_runs(run_dirs: list[Path]) -> list[ReportedRun]:
         seen.update(run.path.resolve() for run in found)
     _label(runs)
     return runs
+
+
+def collect_evaluations(run_dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """The eval.json files `rlhf eval` wrote in the RUN_DIRs or their direct subdirectories
+    (its default output is `<from_run>/eval/`), with their paths."""
+    found = []
+    for run_dir in run_dirs:
+        for path in sorted([run_dir / EVAL_JSON, *run_dir.glob(f"*/{EVAL_JSON}")]):
+            if path.is_file():
+                try:
+                    found.append((path, json.loads(path.read_text(encoding="utf-8"))))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise UserError(f"{path}: not JSON") from None
+    return found
 
 
 def _runs_in(run_dir: Path) -> list[ReportedRun]:

@@ -4,6 +4,7 @@ resolved config."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 
 
 def page_blocks(runs: list[ReportedRun], plots: list[Plot], samples: dict[str, list[Sample]],
-                sample_notes: dict[str, str]) -> list[Block]:
-    """`samples` and `sample_notes` are keyed by run label: the generations, or why there are none."""
+                sample_notes: dict[str, str], evaluations: list[tuple[Path, dict[str, Any]]]) -> list[Block]:
+    """`samples` and `sample_notes` are keyed by run label: the generations, or why there are none;
+    `evaluations` are the eval.json files of `rlhf eval` found beside the runs."""
     blocks: list[Block] = [Heading("Runs"), runs_table(runs)]
     blocks += [Paragraph(f"{run.label} failed: {run.manifest['error']}") for run in runs if run.manifest.get("error")]
     accuracy = accuracy_table(runs)
@@ -37,6 +39,8 @@ def page_blocks(runs: list[ReportedRun], plots: list[Plot], samples: dict[str, l
     metrics = final_metrics_table(runs)
     if metrics is not None:
         blocks += [Heading("Final metrics"), metrics]
+    if evaluations:
+        blocks += [Heading("Evaluations (rlhf eval)")] + [evaluation_table(path, result) for path, result in evaluations]
     blocks += _plot_blocks(plots)
     if samples or sample_notes:
         blocks.append(Heading("Sample generations"))
@@ -80,6 +84,14 @@ def final_metrics_table(runs: list[ReportedRun]) -> Optional[Table]:
         return None
     rows = [[name] + [_cell(name, run.final_metrics.get(name)) for run in finished] for name in names]
     return Table(["metric"] + [run.label for run in finished], rows)
+
+
+def evaluation_table(path: Path, result: dict[str, Any]) -> Table:
+    """One eval.json: each metric's value, or why it was skipped, under the model it evaluated."""
+    model = (result.get("model") or {}).get("path", "?")
+    rows = [[name, _cell(name, value), f"{model} ({path})"] for name, value in result.get("metrics", {}).items()]
+    rows += [[name, "skipped", reason] for name, reason in result.get("skipped", {}).items()]
+    return Table(["metric", "value", "model / reason"], rows)
 
 
 def _cell(name: str, value: Any) -> str:

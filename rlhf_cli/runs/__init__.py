@@ -34,6 +34,7 @@ METRICS = "metrics.jsonl"
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
 REFERENCE_CACHE = "reference_logps.safetensors"  # dpo.precompute_ref
+EVAL_JSON = "eval.json"  # what `rlhf eval` writes in its output_dir
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
 
