@@ -12,11 +12,12 @@ This module is the one place that turns an error into `error: ...` and an exit c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -72,6 +73,7 @@ def _root(
 def _task(cfg: Any) -> None:
     """The Hydra task of every stage (module level, so submitit can pickle it by reference)."""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
     from rlhf_cli import distributed, preemption
     from rlhf_cli.stages import AlreadyComplete, open_run
@@ -80,40 +82,31 @@ def _task(cfg: Any) -> None:
     _setup_logging()
     log = logging.getLogger("rlhf")
     hydra_cfg = HydraConfig.get()
-    try:
-        from omegaconf import OmegaConf
-
-        typed = OmegaConf.to_object(cfg)
-        typed.output_dir = hydra_cfg.runtime.output_dir
-        if distributed.launched_world_size() > 1 and typed.deepspeed.stage is None:
-            raise UserError(f"{distributed.launched_world_size()} processes need DeepSpeed: set deepspeed=zero0|zero1|zero2|zero3")
-        distributed.start(backend_needed=typed.deepspeed.stage is not None)
-        if not distributed.is_main():
-            log.setLevel(logging.WARNING)  # one console for the run: process 0's
-        start = open_run(typed)
-        with preemption.signals_recorded():
-            try:
-                STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
-            except preemption.Preempted as stop:
-                start.run.preempt(stop.signal_name, stop.step, stop.checkpoint)
-                raise
-            except BaseException as exc:
-                start.run.fail(_reason(exc))
-                raise
-    except AlreadyComplete as done:
-        log.info(str(done))
-    except preemption.Preempted as stop:
-        _report(str(stop))
-        preemption.hand_over()  # under submitit: its handler requeues the job and exits
-        raise SystemExit(EXIT_PREEMPTED)
-    except UserError as exc:
-        _die(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _die("interrupted", EXIT_INTERRUPTED)
-    except Exception as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
+    with _one_line_errors():
+        try:
+            typed = OmegaConf.to_object(cfg)
+            typed.output_dir = hydra_cfg.runtime.output_dir
+            if distributed.launched_world_size() > 1 and typed.deepspeed.stage is None:
+                raise UserError(f"{distributed.launched_world_size()} processes need DeepSpeed: set deepspeed=zero0|zero1|zero2|zero3")
+            distributed.start(backend_needed=typed.deepspeed.stage is not None)
+            if not distributed.is_main():
+                log.setLevel(logging.WARNING)  # one console for the run: process 0's
+            start = open_run(typed)
+            with preemption.signals_recorded():
+                try:
+                    STAGE_RUNNERS[typed.stage](typed, start, list(hydra_cfg.overrides.task))
+                except preemption.Preempted as stop:
+                    start.run.preempt(stop.signal_name, stop.step, stop.checkpoint)
+                    raise
+                except BaseException as exc:
+                    start.run.fail(_reason(exc))
+                    raise
+        except AlreadyComplete as done:
+            log.info(str(done))
+        except preemption.Preempted as stop:
+            _report(str(stop))
+            preemption.hand_over()  # under submitit: its handler requeues the job and exits
+            raise SystemExit(EXIT_PREEMPTED)
 
 
 def _eval_task(cfg: Any) -> None:
@@ -125,10 +118,17 @@ def _eval_task(cfg: Any) -> None:
 
     _setup_logging()
     hydra_cfg = HydraConfig.get()
-    try:
+    with _one_line_errors():
         typed = OmegaConf.to_object(cfg)
         typed.output_dir = hydra_cfg.runtime.output_dir
         evaluate.run(typed, list(hydra_cfg.overrides.task))
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A bad input, an interruption or an unexpected failure becomes one `error:` line and an exit code."""
+    try:
+        yield
     except UserError as exc:
         _die(str(exc), exc.exit_code)
     except KeyboardInterrupt:

@@ -183,7 +183,7 @@ class DeepSpeedKeys:
 
 @dataclass
 class LauncherKeys:
-    nproc: int = _key(1, "processes on this node; more than 1 re-runs the stage under torchrun (needs deepspeed)")
+    nproc: int = _key(1, "processes of this run on this node; more than 1 starts them here (needs deepspeed)")
 
 
 @dataclass
