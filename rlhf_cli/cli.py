@@ -317,6 +317,21 @@ class _StageCommand(TyperCommand):
         super().format_epilog(ctx, formatter)
 
 
+@contextlib.contextmanager
+def _user_errors(debug: bool) -> Iterator[None]:
+    """A verb's bad input as one `error:` line; with --debug (which the stages' Hydra task also reads
+    from the environment) the traceback instead."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except UserError as exc:
+        if debug:
+            raise
+        _die(str(exc), exc.exit_code)
+
+
 def _make_stage_command(stage: str, summary: str) -> None:
     @app.command(
         stage,
@@ -328,15 +343,8 @@ def _make_stage_command(stage: str, summary: str) -> None:
         ctx: typer.Context,
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
     ) -> None:
-        if debug:
-            os.environ[DEBUG_ENV] = "1"
-            os.environ["HYDRA_FULL_ERROR"] = "1"
-        try:
+        with _user_errors(debug):
             dispatch(stage, list(ctx.args))
-        except UserError as exc:
-            if debug:
-                raise
-            _die(str(exc), exc.exit_code)
 
 
 for _stage, _summary in STAGE_HELP.items():
@@ -357,16 +365,9 @@ def pipeline_command(
 ) -> None:
     from rlhf_cli import pipeline
 
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
-        os.environ["HYDRA_FULL_ERROR"] = "1"
     _setup_logging()
-    try:
+    with _user_errors(debug):
         code = pipeline.run(list(ctx.args), _run_stage)
-    except UserError as exc:
-        if debug:
-            raise
-        _die(str(exc), exc.exit_code)
     if code:
         raise SystemExit(code)
 
