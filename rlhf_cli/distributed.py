@@ -9,6 +9,7 @@ unconditionally: a sum across ranks of one process is the value itself.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import socket
 from typing import Any
@@ -41,6 +42,8 @@ def start(backend_needed: bool) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     import deepspeed
 
+    # DeepSpeed's own log would warn of our (deliberate) torch AdamW on every process; errors still show.
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.init_distributed(verbose=False)
     atexit.register(_stop)
 
