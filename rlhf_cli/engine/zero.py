@@ -114,7 +114,6 @@ class DeepSpeedEngine:
         self.optimizer = optimizer
         self.scheduler = _scheduler(optimizer, train_cfg, total_steps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=config)
-        self.model = model
         self.name = name
         self.world_size = distributed.world_size()
 

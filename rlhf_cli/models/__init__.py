@@ -341,6 +341,7 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs | {"use_cache": False}
 
 
-def count_parameters(model) -> int:
-    """All parameters, also those ZeRO-3 has partitioned away (ds_numel is a parameter's full size)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """All (or the trainable) parameters, also those ZeRO-3 has partitioned away (ds_numel is a
+    parameter's full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -162,11 +162,10 @@ def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: 
     elif cfg.resume == "never" and distributed.is_main():
         start.run.start_fresh()
     distributed.barrier()  # every process has read what it resumes from before anything is replaced
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     start.run.begin(
         cfg.stage, start.config, start.config_yaml, parents=parents,
         resumed_from=str(start.checkpoint) if start.checkpoint else None, overrides=overrides,
-        parameters={"total": count_parameters(model), "trainable": trainable},
+        parameters={"total": count_parameters(model), "trainable": count_parameters(model, trainable_only=True)},
     )
     return start_step
 
