@@ -1,4 +1,7 @@
-"""Run-directory plumbing: atomic directories, secret redaction, checkpoint discovery."""
+"""Run-directory plumbing: atomic, sealed directories, secret redaction, checkpoint discovery."""
+
+import json
+import os
 
 import pytest
 
@@ -23,7 +26,7 @@ def test_atomic_directory_replaces_an_existing_one(tmp_path):
     (target / "old").write_text("x")
     with atomic_directory(target) as tmp:
         (tmp / "new").write_text("y")
-    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in target.iterdir()) == ["complete.json", "new"]
 
 
 def test_redact_hides_secret_keys_only():
@@ -38,4 +41,36 @@ def test_only_whole_checkpoints_are_found(tmp_path):
     for name in ("step-10", "step-2", ".step-30.tmp-123", "notes"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert [step for step, _ in run.checkpoints()] == [2, 10]
-    assert run.latest_checkpoint().name == "step-10"
+
+
+def _sealed_directory(tmp_path):
+    target = tmp_path / "checkpoints/step-2"
+    target.parent.mkdir()
+    with atomic_directory(target) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"\x01" * 1000)
+        (tmp / "deepspeed/shard.pt").parent.mkdir()
+        (tmp / "deepspeed/shard.pt").write_bytes(b"\x02" * 10)
+    return target
+
+
+def test_a_sealed_directory_is_whole_until_a_file_changes(tmp_path):
+    from rlhf_cli.runs.checkpoint import SEAL, unsealed_reason
+
+    target = _sealed_directory(tmp_path)
+    sealed = json.loads((target / SEAL).read_text())["files"]
+    assert sorted(sealed) == ["deepspeed/shard.pt", "model.safetensors"] and sealed["deepspeed/shard.pt"]["size"] == 10
+    assert unsealed_reason(target) is None
+
+    with (target / "model.safetensors").open("r+b") as handle:  # a byte flipped in place: same size
+        handle.write(b"\x00")
+    assert unsealed_reason(target) == "model.safetensors does not match its sha256"
+    assert unsealed_reason(target, checksums=False) is None  # what the size-only check cannot see
+
+    os.truncate(target / "model.safetensors", 500)
+    assert unsealed_reason(target, checksums=False) == "model.safetensors has 500 bytes, 1000 when written"
+    (target / "deepspeed/shard.pt").unlink()
+    assert unsealed_reason(target) == "deepspeed/shard.pt is missing"
+    (target / SEAL).write_text("{")
+    assert unsealed_reason(target) == f"{SEAL} is unreadable"
+    (target / SEAL).unlink()
+    assert unsealed_reason(target) == f"no {SEAL}: it was never finished"

@@ -212,6 +212,7 @@ def validate(cfg: Any) -> None:
         ("train.adam_betas", len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "must be two values in [0, 1)"),
         ("train.adam_eps", t.adam_eps > 0, "must be positive"),
         ("train.max_grad_norm", t.max_grad_norm >= 0, "must be non-negative (0 disables clipping)"),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 0, "must be non-negative (0 stops at the first)"),
         ("train.log_every", t.log_every >= 1, "must be at least 1"),
         ("train.eval_every", t.eval_every >= 0, "must be non-negative"),
         ("train.save_every", t.save_every >= 0, "must be non-negative"),

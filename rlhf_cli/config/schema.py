@@ -143,6 +143,9 @@ class TrainConfig:
     adam_betas: List[float] = _key([0.9, 0.999], "AdamW betas")
     adam_eps: float = _key(1e-8, "AdamW epsilon")
     max_grad_norm: float = _key(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+    max_nonfinite_steps: int = _key(
+        3, "optimizer steps in a row with a NaN or Inf loss or gradient norm that are skipped before the run "
+           "stops with an error (0: stop at the first)")
     seed: int = _key(42, "seed for initialisation, data order and sampling")
     log_every: int = _key(10, "log metrics every N optimizer steps")
     eval_every: int = _key(0, "evaluate every N optimizer steps (0: only at the end)")

@@ -5,6 +5,9 @@ A stage calls `autocast()`, `backward(loss)`, `step()` and reads `lr`, and gets 
 asked) or, with `deepspeed.stage` set, the DeepSpeed one in `engine/zero.py`. A checkpoint of a
 plain engine is the model's weights plus `state_dict()`; a DeepSpeed engine (`owns_weights`) saves
 and loads its own sharded checkpoint.
+
+Both skip an update whose loss or gradient norm is not finite (`NonFiniteSteps`); the stage decides
+when too many in a row end the run (stages.checkpoint_if_due, train.max_nonfinite_steps).
 """
 
 from __future__ import annotations
@@ -30,6 +33,48 @@ def make_engine(model: torch.nn.Module, cfg: Any, total_steps: int, train_cfg: A
     return DeepSpeedEngine(model, train_cfg, total_steps, dtype, cfg.deepspeed, name)
 
 
+class NonFiniteSteps:
+    """The count of skipped updates: an optimizer step whose loss (on any micro-batch) or gradient norm
+    is NaN or Inf leaves the weights, the optimizer moments and the schedule as they were (the schedule
+    as DeepSpeed leaves it on an overflow), and its gradients are dropped. One such step is usually one
+    bad batch; many in a row mean the run diverged. Under fp16 an overflowing gradient with a finite
+    loss is not counted: the loss scaler skips it and lowers its scale, the routine way it finds one."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.in_a_row = 0
+        self._loss_finite: torch.Tensor | None = None
+
+    def watch(self, loss: torch.Tensor) -> None:
+        """Every loss handed to backward(); kept as a tensor so that the step needs no extra device sync."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    def loss_finite(self) -> bool:
+        """Whether every loss since the last step was finite, on every process (they skip together)."""
+        from rlhf_cli import distributed
+
+        finite, self._loss_finite = self._loss_finite, None
+        return not distributed.total(int(finite is not None and not bool(finite)))
+
+    def record(self, nonfinite: bool) -> None:
+        self.total += nonfinite
+        self.in_a_row = self.in_a_row + 1 if nonfinite else 0
+
+    @classmethod
+    def combined(cls, *counts: "NonFiniteSteps") -> "NonFiniteSteps":
+        """One count for several engines (PPO's actor and critic): the total, and the longest run."""
+        view = cls()
+        view.total, view.in_a_row = sum(c.total for c in counts), max(c.in_a_row for c in counts)
+        return view
+
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.total, self.in_a_row = state["total"], state["in_a_row"]
+
+
 class TorchEngine:
     owns_weights = False
 
@@ -46,6 +91,7 @@ class TorchEngine:
         )
         self.scheduler = _scheduler(self.optimizer, train_cfg, total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=compute_dtype == torch.float16)
+        self.nonfinite = NonFiniteSteps()
 
     def autocast(self):
         if self.compute_dtype == torch.float32:
@@ -53,18 +99,23 @@ class TorchEngine:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
+        self.nonfinite.watch(loss)
         self.scaler.scale(loss).backward()
 
     def step(self) -> float:
-        """Clip, update, advance the schedule; returns the gradient norm before clipping."""
+        """Clip, update, advance the schedule; returns the gradient norm before clipping. A non-finite
+        loss or norm skips the update (NonFiniteSteps)."""
         self.scaler.unscale_(self.optimizer)
         limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+        skip = not self.nonfinite.loss_finite() or (not math.isfinite(grad_norm) and not self.scaler.is_enabled())
+        self.nonfinite.record(skip)
+        if not skip:
+            self.scaler.step(self.optimizer)
+            self.scheduler.step()
+        self.scaler.update()  # after a skip too: it closes the unscale_ above
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
 
     @property
     def lr(self) -> float:
@@ -75,12 +126,14 @@ class TorchEngine:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "nonfinite": self.nonfinite.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.nonfinite.load_state_dict(state["nonfinite"])
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf_cli import distributed
-from rlhf_cli.engine import _param_groups, _scheduler
+from rlhf_cli.engine import NonFiniteSteps, _param_groups, _scheduler
 from rlhf_cli.errors import UserError
 
 # Keys the typed config decides; a user JSON may repeat them (same value or "auto") but not change them.
@@ -116,48 +117,70 @@ class DeepSpeedEngine:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=config)
         self.name = name
         self.world_size = distributed.world_size()
+        self.fp16 = compute_dtype == torch.float16
+        self.nonfinite = NonFiniteSteps()
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed holds the weights in the compute dtype itself
 
     def backward(self, loss: torch.Tensor) -> None:
+        self.nonfinite.watch(loss)
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def step(self) -> float:
-        """Reduce, clip, update, advance the schedule; returns the gradient norm before clipping."""
+        """Reduce, clip, update, advance the schedule; returns the gradient norm before clipping.
+        A non-finite gradient norm is skipped by DeepSpeed itself under ZeRO-1/2/3 (an "overflow", which
+        also holds the schedule back) and by _ClippingAdamW under fp32 ZeRO-0 (tests/test_nonfinite.py).
+        Should a DeepSpeed version apply one anyway, the check before every save
+        (runs.checkpoint.refuse_nonfinite) keeps the weights it leaves off the disk."""
+        loss_finite = self.nonfinite.loss_finite()
+        skipped_before = self.engine.skipped_steps
         self.engine.step()
+        overflowed = self.engine.skipped_steps > skipped_before
         norm = self.engine.get_global_grad_norm()
-        return float(norm if norm is not None else self.optimizer.grad_norm)
+        norm = float(norm if norm is not None else self.optimizer.grad_norm)
+        # fp16: an overflow with a finite loss is the loss scaler finding its scale (NonFiniteSteps).
+        self.nonfinite.record(not loss_finite or (not self.fp16 and (overflowed or not math.isfinite(norm))))
+        return norm
 
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=self.name, save_latest=False)
+        self.engine.save_checkpoint(str(directory), tag=self.name, save_latest=False,
+                                    client_state={"nonfinite": self.nonfinite.state_dict()})
 
     def load(self, directory: Path) -> None:
         if not (directory / self.name).is_dir():
             raise UserError(f"{directory}: not a DeepSpeed checkpoint of this run (no {self.name}/); "
                             "was it written with another deepspeed setting?")
-        loaded, _ = self.engine.load_checkpoint(str(directory), tag=self.name)
+        loaded, client_state = self.engine.load_checkpoint(str(directory), tag=self.name)
         if loaded is None:
             raise UserError(f"{directory}: the DeepSpeed checkpoint {self.name}/ could not be loaded")
+        self.nonfinite.load_state_dict(client_state["nonfinite"])
 
 
 class _ClippingAdamW(torch.optim.AdamW):
-    """AdamW that, given max_grad_norm, clips the (already reduced) gradients itself and keeps their norm."""
+    """AdamW that, given max_grad_norm, clips the (already reduced) gradients itself and keeps their norm,
+    and skips a non-finite one as DeepSpeed's ZeRO optimizers do: `overflow` is the flag DeepSpeed's
+    engine reads to count the skip and hold the schedule back."""
 
     def __init__(self, params: Any, max_grad_norm: float | None, **kwargs: Any):
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
         self.grad_norm = 0.0
+        if max_grad_norm is not None:
+            self.overflow = False
 
     def step(self, closure: Any = None) -> Any:
         if self.max_grad_norm is not None:
             limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
             params = [p for group in self.param_groups for p in group["params"]]
             self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+            self.overflow = not math.isfinite(self.grad_norm)
+            if self.overflow:
+                return None
         return super().step(closure)
 
 

@@ -10,7 +10,8 @@
   final/            the trained model and tokenizer (safetensors)
 ```
 Every directory that must appear whole (a checkpoint, `final/`) is written under a temporary name
-and renamed into place, so it exists complete or not at all. The manifest is replaced atomically.
+and renamed into place, so it exists complete or not at all; its seal (`complete.json`, see
+runs/checkpoint.py) lets a reader check that it is still whole. The manifest is replaced atomically.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def write_json_atomic(path: Path, value: Any) -> None:
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `target` only once the block finishes. Every process
-    of a run enters it: process 0 makes and publishes the directory, each writes its part in between."""
+    """Yield a temporary directory that replaces `target`, sealed, only once the block finishes. Every
+    process of a run enters it: each writes its part in between; process 0 makes the directory, then
+    seals every process's files and publishes it."""
     from rlhf_cli import distributed
 
     tmp = target.with_name(f".{target.name}.tmp-{distributed.job_token()}")
@@ -67,6 +69,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         yield tmp
         distributed.barrier()
         if distributed.is_main():
+            from rlhf_cli.runs.checkpoint import seal
+
+            seal(tmp)
             publish_directory(tmp, target)
     finally:
         distributed.barrier()
@@ -145,10 +150,6 @@ class RunDir:
             return []
         found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
         return sorted(found)
-
-    def latest_checkpoint(self) -> Optional[Path]:
-        found = self.checkpoints()
-        return found[-1][1] if found else None
 
     def start_fresh(self) -> None:
         """Remove what an earlier run left here (resume=never); the directory itself stays."""

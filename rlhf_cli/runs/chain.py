@@ -25,4 +25,11 @@ def chained_final(from_run: str, parent_stage: str, key: str) -> str:
         )
     if manifest.get("stage") != parent_stage:
         raise UserError(f"{run.path}: holds a {manifest.get('stage')} run, not {parent_stage}")
+    from rlhf_cli.runs.checkpoint import unsealed_reason
+
+    # Sizes only (a truncated file): this runs before every stage that chains from it, and hashing a
+    # whole model each time would cost more than the rarer changed-in-place file it would add.
+    reason = unsealed_reason(run.final_path, checksums=False)
+    if reason is not None:
+        raise UserError(f"{run.final_path}: not whole ({reason}); rerun `rlhf {parent_stage}` with resume=never")
     return str(run.final_path)

@@ -45,10 +45,10 @@ def open_run(cfg: Any) -> RunStart:
     if cfg.resume == "never":
         return RunStart(run, None, config, config_yaml)
     if cfg.resume != "auto":
-        return RunStart(run, Path(cfg.resume), config, config_yaml)
+        return RunStart(run, _whole(Path(cfg.resume)), config, config_yaml)
     manifest = run.read_manifest()
     if manifest is None:
-        return RunStart(run, run.latest_checkpoint(), config, config_yaml)
+        return RunStart(run, newest_whole_checkpoint(run), config, config_yaml)
     if manifest.get("stage") != cfg.stage:
         raise UserError(
             f"output_dir={cfg.output_dir}: holds a {manifest.get('stage')} run, not {cfg.stage}; choose another output_dir"
@@ -59,7 +59,36 @@ def open_run(cfg: Any) -> RunStart:
             raise AlreadyComplete(f"{cfg.output_dir} is already complete with this config; nothing to do")
         raise UserError(f"output_dir={cfg.output_dir}: holds a completed run {difference}; "
                         "resume=never trains again, or choose another output_dir")
-    return RunStart(run, run.latest_checkpoint(), config, config_yaml)
+    return RunStart(run, newest_whole_checkpoint(run), config, config_yaml)
+
+
+def newest_whole_checkpoint(run: RunDir) -> Optional[Path]:
+    """The checkpoint resume=auto continues from: the newest whose seal matches its files. One that
+    fails is passed over with a warning (the older one costs only the steps between them) and left in
+    place to be looked at; a rerun replaces it when it reaches that step. When every checkpoint fails,
+    starting over would silently throw the run away: that is an error, and resume=never the choice."""
+    from rlhf_cli.runs.checkpoint import unsealed_reason
+
+    found = [path for _, path in reversed(run.checkpoints())]
+    for path in found:
+        reason = unsealed_reason(path)
+        if reason is None:
+            return path
+        log.warning(f"warning: {path}: not a whole checkpoint ({reason}); passed over")
+    if found:
+        raise UserError(f"output_dir={run.path}: no whole checkpoint to resume from ({len(found)} failed their "
+                        "seal, see the warnings); resume=never starts over")
+    return None
+
+
+def _whole(checkpoint: Path) -> Path:
+    """An explicit resume=PATH, refused unless whole."""
+    from rlhf_cli.runs.checkpoint import unsealed_reason
+
+    reason = unsealed_reason(checkpoint)
+    if reason is not None:
+        raise UserError(f"resume={checkpoint}: not a whole checkpoint ({reason})")
+    return checkpoint
 
 
 def completed_run_differs(manifest: dict[str, Any], config: dict[str, Any]) -> Optional[str]:
@@ -171,9 +200,11 @@ def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: 
 
 
 def checkpoint_if_due(cfg: Any, start: RunStart, done: int, total: int, model: Any, engine: Any) -> None:
-    """Called after every optimizer step: saves the periodic checkpoint (train.save_every), and when
-    a stop signal came (rlhf_cli.preemption), saves this step even with train.save_every=0 and raises
-    Preempted. A signal during the last step lets the run finish: final/ is the state to keep."""
+    """Called after every optimizer step: stops a diverged run (train.max_nonfinite_steps), saves the
+    periodic checkpoint (train.save_every), and when a stop signal came (rlhf_cli.preemption), saves
+    this step even with train.save_every=0 and raises Preempted. A signal during the last step lets
+    the run finish: final/ is the state to keep."""
+    stop_if_diverged(cfg, done, engine)
     checkpoint = save_checkpoint(cfg, start, done, model, engine) if due(cfg.train.save_every, done, total) else None
     signal_name = distributed.first_of(preemption.requested())  # every process stops at the same step
     if signal_name is None or done == total:
@@ -183,9 +214,22 @@ def checkpoint_if_due(cfg: Any, start: RunStart, done: int, total: int, model: A
     raise preemption.Preempted(signal_name, done, str(checkpoint))
 
 
-def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: Any) -> Path:
-    from rlhf_cli.runs.checkpoint import save_training_state
+def stop_if_diverged(cfg: Any, done: int, engine: Any) -> None:
+    """The engines skip each update whose loss or gradient norm is NaN or Inf (engine.NonFiniteSteps);
+    more than train.max_nonfinite_steps of them in a row end the run, since skipping has not helped."""
+    count = engine.nonfinite
+    if count.in_a_row > cfg.train.max_nonfinite_steps:
+        raise UserError(
+            f"non-finite loss or gradient norm (NaN or Inf) at step {done}, {count.in_a_row} optimizer steps in a row "
+            f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); their updates were skipped and nothing "
+            "non-finite was saved: lower train.lr, or look for the batch that causes it"
+        )
 
+
+def save_checkpoint(cfg: Any, start: RunStart, step: int, model: Any, engine: Any) -> Path:
+    from rlhf_cli.runs.checkpoint import refuse_nonfinite, save_training_state
+
+    refuse_nonfinite(model, f"checkpoint step-{step} of {start.run.path}")
     return start.run.save_checkpoint(step, lambda d: save_training_state(d, model, engine, {"step": step}),
                                      keep=cfg.train.keep_checkpoints)
 
@@ -197,11 +241,13 @@ def finish(cfg: Any, start: RunStart, model: Any, tokenizer: Any, final_metrics:
     calls it (ZeRO-3 gathers the partitions for the save); process 0 writes."""
     from rlhf_cli.engine.zero import full_weights
     from rlhf_cli.models import base_model_reference, save_adapter, without_adapters
+    from rlhf_cli.runs.checkpoint import refuse_nonfinite
 
     adapter_only = cfg.model.lora.r > 0 and not cfg.model.lora.merge
 
     def write_final(directory: Path) -> None:
         with full_weights(model):
+            refuse_nonfinite(model, str(start.run.final_path))
             if not distributed.is_main():
                 return
             if adapter_only:

@@ -200,7 +200,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                     "loss": loss_sum, "nll": nll_sum, "rewards/chosen": chosen / n, "rewards/rejected": rejected / n,
                     "rewards/accuracy": wins / n, "rewards/margin": (chosen - rejected) / n,
                     "logps/chosen": logp_chosen / n, "logps/rejected": logp_rejected / n,
-                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": distributed.total(throughput.read()),
+                    "lr": lr, "grad_norm": grad_norm, "nonfinite_steps": engine.nonfinite.total,
+                    "tokens_per_s": distributed.total(throughput.read()),
                 }
                 metrics.log(done, last)
             if due(cfg.train.eval_every, done, total_steps) and (eval_pairs or answer_examples):

@@ -162,7 +162,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                     "kl": kl_sum / max(tokens, 1), "clipfrac": clipped_tokens / max(tokens, 1),
                     "completion_length": sum(stats["length"]) / len(stats["length"]),
                     "frac_reward_zero_std": sum(stats["zero_std"]) / len(stats["zero_std"]),
-                    "lr": lr, "grad_norm": grad_norm if num_sequences else 0.0, "tokens_per_s": distributed.total(throughput.read()),
+                    "lr": lr, "grad_norm": grad_norm if num_sequences else 0.0,
+                    "nonfinite_steps": engine.nonfinite.total, "tokens_per_s": distributed.total(throughput.read()),
                 }
                 metrics.log(done, last)
                 stats = {}

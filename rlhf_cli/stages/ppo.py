@@ -45,7 +45,7 @@ from rlhf_cli.data.formats import PromptExample
 from rlhf_cli.data.sources import load_rows
 from rlhf_cli.data.tokenize import EncodedPrompt, TokenizedSample, encode_prompts, stop_token_ids
 from rlhf_cli import distributed
-from rlhf_cli.engine import make_engine
+from rlhf_cli.engine import NonFiniteSteps, make_engine
 from rlhf_cli.engine.zero import frozen_for_inference
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import exact_match_rate, greedy_texts, load_answer_examples
@@ -113,6 +113,10 @@ class ActorCriticEngine:
         self.actor, self.critic, self.kl_coef = actor, critic, kl_coef
         self.reward_moments: tuple[int, float, float] = (0, 0.0, 0.0)  # count, mean, m2 of raw scores
         self.owns_weights = actor.owns_weights
+
+    @property
+    def nonfinite(self) -> NonFiniteSteps:
+        return NonFiniteSteps.combined(*(e.nonfinite for e in (self.actor, self.critic) if e is not None))
 
     def save(self, directory: Path) -> None:
         for engine in (self.actor, self.critic):
@@ -269,7 +273,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             if done % cfg.train.log_every == 0 or done == total_steps:
                 last = {name: sum(values) / len(values) for name, values in window.items()}
                 final_metrics.update({k: last[k] for k in ("reward/mean", "kl", "response_length")})
-                metrics.log(done, last | {"kl_coef": engine.kl_coef, "lr": lr, "tokens_per_s": distributed.total(throughput.read())})
+                metrics.log(done, last | {"kl_coef": engine.kl_coef, "lr": lr, "tokens_per_s": distributed.total(throughput.read()),
+                                         "nonfinite_steps": engine.nonfinite.total})
                 window = {}
             if answer_examples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate())

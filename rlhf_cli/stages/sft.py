@@ -98,7 +98,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
 
             if done % cfg.train.log_every == 0 or done == total_steps:
                 last = {"loss": distributed.total(step_loss).item(), "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": distributed.total(throughput.read()), "num_tokens": num_tokens}
+                        "nonfinite_steps": engine.nonfinite.total, "tokens_per_s": distributed.total(throughput.read()),
+                        "num_tokens": num_tokens}
                 metrics.log(done, last)
             if eval_samples and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device))

@@ -108,7 +108,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             if done % cfg.train.log_every == 0 or done == total_steps:
                 loss_sum, correct, gap_sum, pairs = distributed.total(totals).tolist()
                 last = {"loss": loss_sum, "accuracy": correct / pairs, "margin": gap_sum / pairs, "lr": lr,
-                        "grad_norm": grad_norm, "tokens_per_s": distributed.total(throughput.read())}
+                        "grad_norm": grad_norm, "nonfinite_steps": engine.nonfinite.total,
+                        "tokens_per_s": distributed.total(throughput.read())}
                 metrics.log(done, last)
             if eval_groups and due(cfg.train.eval_every, done, total_steps):
                 metrics.log(done, evaluate(model, eval_groups, tokenizer.pad_token_id, cfg.eval.batch_size, device, engine))
