@@ -5,6 +5,10 @@ Anything the user can fix (a config key, a data row, a missing checkpoint) is ra
 """
 
 
+# EX_IOERR (sysexits.h): the run directory cannot take what must be written (not writable, disk full).
+EXIT_WRITE_FAILED = 74
+
+
 class UserError(Exception):
     """An error caused by the user's input, shown without a traceback."""
 

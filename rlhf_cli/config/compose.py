@@ -11,6 +11,7 @@ import difflib
 import os
 from dataclasses import fields, is_dataclass, replace
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -36,8 +37,11 @@ def register_schemas() -> None:
 def check_overrides(stage: str, overrides: list[str], file_overrides: list[FileOverride]) -> list[Any]:
     """Compose and validate every job the overrides describe; return their typed configs."""
     origins = {o.text: o.origin for o in file_overrides}
+    from rlhf_cli.runs import check_writable
+
     configs = [load_config(stage, job, origins) for job in sweep_jobs(overrides)]
     for cfg in configs:
+        check_writable(Path(cfg.output_dir))  # before Hydra makes it
         if stage == "eval":
             check_eval_sources(cfg)
         else:

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import EXIT_WRITE_FAILED, UserError
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -61,11 +61,11 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     from rlhf_cli import distributed
 
     tmp = target.with_name(f".{target.name}.tmp-{distributed.job_token()}")
-    if distributed.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
     try:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
         yield tmp
         distributed.barrier()
         if distributed.is_main():
@@ -73,6 +73,16 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
             seal(tmp)
             publish_directory(tmp, target)
+    except UserError:
+        raise
+    except Exception as exc:
+        # A full disk, a quota, a filesystem gone read-only: torch and safetensors report them as their
+        # own exceptions (RuntimeError, SafetensorError), not OSError, and torch's says nothing of the
+        # disk; so any failure of the write is reported as one, with the space left beside it.
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).strip().splitlines() or [repr(exc)])[-1]
+        free = shutil.disk_usage(target.parent).free / 1e9
+        raise UserError(f"{target}: not written ({cause}; {free:.2f} GB free on its disk); nothing of it was kept",
+                        exit_code=EXIT_WRITE_FAILED) from exc
     finally:
         distributed.barrier()
         if distributed.is_main():
@@ -96,6 +106,21 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def check_writable(path: Path, bytes_needed: int = 0) -> None:
+    """Before anything trains: `path` can be created and written, with about `bytes_needed` free on its
+    disk; otherwise an error naming it, rather than a failure at the first checkpoint hours later.
+    Nothing is created: the nearest existing directory is asked."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"output_dir={path}: {existing} is a file, not a directory", exit_code=EXIT_WRITE_FAILED)
+    if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only filesystem, even for root
+        raise UserError(f"output_dir={path}: {existing} is not writable", exit_code=EXIT_WRITE_FAILED)
+    free = shutil.disk_usage(existing).free
+    if free < bytes_needed:
+        raise UserError(f"output_dir={path}: {free / 1e9:.2f} GB free on its disk, and a checkpoint needs about "
+                        f"{bytes_needed / 1e9:.2f} GB", exit_code=EXIT_WRITE_FAILED)
 
 
 def redact(value: Any) -> Any:
@@ -223,7 +248,10 @@ class RunDir:
 
     def fail(self, reason: str) -> None:
         if getattr(self, "_manifest", None) is not None:
-            self.update(status="failed", finished_at=_now(), error=reason)
+            try:
+                self.update(status="failed", finished_at=_now(), error=reason)
+            except OSError:
+                pass  # the disk that failed the run: the manifest stays `running`, which a rerun also continues
 
 
 def _now() -> str:

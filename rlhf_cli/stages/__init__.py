@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from rlhf_cli import distributed, preemption
 from rlhf_cli.errors import UserError
-from rlhf_cli.runs import MANIFEST, RunDir, redact
+from rlhf_cli.runs import MANIFEST, RunDir, check_writable, redact
 
 if TYPE_CHECKING:
     from rlhf_cli.data.sources import Row
@@ -39,9 +39,7 @@ class RunStart:
 def open_run(cfg: Any) -> RunStart:
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     config_yaml = OmegaConf.to_yaml(redact(config))
-    run = RunDir(cfg.output_dir)
-    if run.path.exists() and not run.path.is_dir():
-        raise UserError(f"output_dir={cfg.output_dir}: exists and is not a directory")
+    run = RunDir(cfg.output_dir)  # writable: checked with the config (config.compose.check_overrides)
     if cfg.resume == "never":
         return RunStart(run, None, config, config_yaml)
     if cfg.resume != "auto":
@@ -184,6 +182,8 @@ def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: 
     from rlhf_cli.models import count_parameters
     from rlhf_cli.runs.checkpoint import load_training_state
 
+    # A checkpoint: the weights (at most 4 bytes a parameter) and AdamW's two moments of the trained ones.
+    check_writable(start.run.path, 4 * count_parameters(model) + 8 * count_parameters(model, trainable_only=True))
     start_step = 0
     if start.checkpoint is not None:
         start_step = load_training_state(start.checkpoint, model, engine)["step"]
