@@ -147,6 +147,8 @@ def _assert_same_weights(cwd, stage: str, expected: list[dict]) -> None:
     for run, weights in zip(_pipeline_or_stage(cwd / "run", stage), expected):
         assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
         _assert_nothing_partial_looks_whole(run)
+        left = [p.name for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".")]
+        assert left == [], "temporaries of the killed runs were not removed"
         again = _final_weights(run)
         for name in weights:
             torch.testing.assert_close(again[name], weights[name], atol=1e-6, rtol=0)

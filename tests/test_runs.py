@@ -5,15 +5,16 @@ import os
 
 import pytest
 
+from rlhf_cli.errors import UserError
 from rlhf_cli.runs import RunDir, atomic_directory, redact
 
 
 def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
     target = tmp_path / "final"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(UserError, match=r"final: not written \(the disk failed; [\d.]+ GB free on its disk\); nothing of it"):
         with atomic_directory(target) as tmp:
             (tmp / "model.safetensors").write_text("half")
-            raise RuntimeError("killed mid-write")
+            raise RuntimeError("[enforce fail]\nthe disk failed")  # torch's shape of a failed write
     assert not target.exists() and list(tmp_path.iterdir()) == []
     with atomic_directory(target) as tmp:
         (tmp / "model.safetensors").write_text("whole")
@@ -74,3 +75,14 @@ def test_a_sealed_directory_is_whole_until_a_file_changes(tmp_path):
     assert unsealed_reason(target) == f"{SEAL} is unreadable"
     (target / SEAL).unlink()
     assert unsealed_reason(target) == f"no {SEAL}: it was never finished"
+
+
+def test_the_temporaries_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    run = RunDir(tmp_path)
+    for name in ("checkpoints/step-2", "checkpoints/.step-4.tmp-123", ".final.tmp-77", ".final.old-5", "final"):
+        (tmp_path / name).mkdir(parents=True)
+    for name in (".manifest.json.tmp-9", "manifest.json", ".notes", "checkpoints/.step-6.tmp-x"):
+        (tmp_path / name).write_text("")
+    run.remove_leftovers()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        ".notes", "checkpoints", "checkpoints/.step-6.tmp-x", "checkpoints/step-2", "final", "manifest.json"]

@@ -37,6 +37,7 @@ CHECKPOINTS = "checkpoints"
 REFERENCE_CACHE = "reference_logps.safetensors"  # dpo.precompute_ref
 EVAL_JSON = "eval.json"  # what `rlhf eval` writes in its output_dir
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^\..+\.(tmp|old)-\d+$")  # what write_text_atomic, atomic_directory, publish_directory write first
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
 
 
@@ -175,6 +176,14 @@ class RunDir:
             return []
         found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
         return sorted(found)
+
+    def remove_leftovers(self) -> None:
+        """Delete the temporaries a killed run left behind (a checkpoint, final/ or manifest it was writing):
+        never whole and never read, only taking space. Process 0, before anything of this run is written."""
+        for parent in (self.path, self.path / CHECKPOINTS):
+            for path in parent.iterdir() if parent.is_dir() else ():
+                if _LEFTOVER.match(path.name):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def start_fresh(self) -> None:
         """Remove what an earlier run left here (resume=never); the directory itself stays."""

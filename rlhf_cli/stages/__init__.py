@@ -190,6 +190,8 @@ def begin_training(cfg: Any, start: RunStart, model: Any, engine: Any, parents: 
         log.info(f"resuming from {start.checkpoint} (step {start_step})")
     elif cfg.resume == "never" and distributed.is_main():
         start.run.start_fresh()
+    if distributed.is_main():
+        start.run.remove_leftovers()
     distributed.barrier()  # every process has read what it resumes from before anything is replaced
     start.run.begin(
         cfg.stage, start.config, start.config_yaml, parents=parents,
