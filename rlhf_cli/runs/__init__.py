@@ -115,9 +115,9 @@ def check_writable(path: Path, bytes_needed: int = 0) -> None:
     Nothing is created: the nearest existing directory is asked."""
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():
-        raise UserError(f"output_dir={path}: {existing} is a file, not a directory", exit_code=EXIT_WRITE_FAILED)
+        raise UserError(f"output_dir={path}: {existing.absolute()} is a file, not a directory", exit_code=EXIT_WRITE_FAILED)
     if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only filesystem, even for root
-        raise UserError(f"output_dir={path}: {existing} is not writable", exit_code=EXIT_WRITE_FAILED)
+        raise UserError(f"output_dir={path}: {existing.absolute()} is not writable", exit_code=EXIT_WRITE_FAILED)
     free = shutil.disk_usage(existing).free
     if free < bytes_needed:
         raise UserError(f"output_dir={path}: {free / 1e9:.2f} GB free on its disk, and a checkpoint needs about "
