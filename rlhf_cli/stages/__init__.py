@@ -72,7 +72,8 @@ def newest_whole_checkpoint(run: RunDir) -> Optional[Path]:
         reason = unsealed_reason(path)
         if reason is None:
             return path
-        log.warning(f"warning: {path}: not a whole checkpoint ({reason}); passed over")
+        if distributed.is_main():  # every process checks (each loads its own part); one says so
+            log.warning(f"warning: {path}: not a whole checkpoint ({reason}); passed over")
     if found:
         raise UserError(f"output_dir={run.path}: no whole checkpoint to resume from ({len(found)} failed their "
                         "seal, see the warnings); resume=never starts over")
