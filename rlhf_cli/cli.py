@@ -13,6 +13,7 @@ This module is the one place that turns an error into `error: ...` and an exit c
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ import typer
 from typer.core import TyperCommand
 
 from rlhf_cli import __version__
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import EXIT_WRITE_FAILED, UserError
 from rlhf_cli.report.document import PageFormat
 
 EXIT_USER_ERROR = 2
@@ -32,6 +33,9 @@ EXIT_INTERRUPTED = 130
 # EX_TEMPFAIL (sysexits.h): stopped by SIGUSR1, SIGUSR2 or SIGTERM after a checkpoint; rerun to continue.
 # scripts/slurm/*.sbatch requeue the job on it.
 EXIT_PREEMPTED = 75
+# A write that failed for want of room or permission anywhere in a run (metrics, manifest) ends it like a
+# failed checkpoint write (runs.atomic_directory): one line and EX_IOERR.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 DEBUG_ENV = "RLHF_DEBUG"
 
 STAGE_HELP = {
@@ -136,6 +140,8 @@ def _one_line_errors() -> Iterator[None]:
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):
             raise
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:  # not a bug: the disk filled up
+            _die(f"{exc.filename}: {exc.strerror}", EXIT_WRITE_FAILED)
         _die(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL_ERROR)
 
 

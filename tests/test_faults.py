@@ -304,6 +304,22 @@ def test_a_full_disk_while_final_is_written_leaves_no_final_and_no_completed_run
     assert json.loads((tmp_path / "run/manifest.json").read_text())["status"] == "failed"
 
 
+def test_a_full_disk_anywhere_else_in_a_run_is_one_error_line_too(rlhf, tmp_path, monkeypatch):
+    from rlhf_cli.metrics import MetricsLogger
+
+    real_log = MetricsLogger.log
+
+    def disk_fills_at_step_2(self, step, metrics):
+        if step == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        real_log(self, step, metrics)
+
+    monkeypatch.setattr(MetricsLogger, "log", disk_fills_at_step_2)
+    result = rlhf("sft", *QUICK, "output_dir=run")
+    assert result.exit_code == 74
+    assert result.output.strip().splitlines()[-1] == f"error: {tmp_path / 'run/metrics.jsonl'}: No space left on device"
+
+
 def test_too_little_free_space_for_a_checkpoint_is_an_error_before_training(rlhf, tmp_path, monkeypatch):
     import shutil
 

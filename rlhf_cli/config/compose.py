@@ -24,6 +24,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandat
 from rlhf_cli.config.schema import CONFIG_SCHEMAS, show_value
 from rlhf_cli.config.user_yaml import FileOverride
 from rlhf_cli.errors import UserError
+from rlhf_cli.runs import check_writable
 
 CONFIG_MODULE = "rlhf_cli.conf"
 
@@ -37,8 +38,6 @@ def register_schemas() -> None:
 def check_overrides(stage: str, overrides: list[str], file_overrides: list[FileOverride]) -> list[Any]:
     """Compose and validate every job the overrides describe; return their typed configs."""
     origins = {o.text: o.origin for o in file_overrides}
-    from rlhf_cli.runs import check_writable
-
     configs = [load_config(stage, job, origins) for job in sweep_jobs(overrides)]
     for cfg in configs:
         check_writable(Path(cfg.output_dir))  # before Hydra makes it

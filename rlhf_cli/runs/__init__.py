@@ -80,7 +80,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         # A full disk, a quota, a filesystem gone read-only: torch and safetensors report them as their
         # own exceptions (RuntimeError, SafetensorError), not OSError, and torch's says nothing of the
         # disk; so any failure of the write is reported as one, with the space left beside it.
-        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).strip().splitlines() or [repr(exc)])[-1]
+        lines = str(exc).strip().splitlines() or [repr(exc)]
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else lines[-1]
         free = shutil.disk_usage(target.parent).free / 1e9
         raise UserError(f"{target}: not written ({cause}; {free:.2f} GB free on its disk); nothing of it was kept",
                         exit_code=EXIT_WRITE_FAILED) from exc
@@ -182,8 +183,10 @@ class RunDir:
         never whole and never read, only taking space. Process 0, before anything of this run is written."""
         for parent in (self.path, self.path / CHECKPOINTS):
             for path in parent.iterdir() if parent.is_dir() else ():
-                if _LEFTOVER.match(path.name):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if _LEFTOVER.match(path.name) and path.is_dir():
+                    shutil.rmtree(path)
+                elif _LEFTOVER.match(path.name):
+                    path.unlink()
 
     def start_fresh(self) -> None:
         """Remove what an earlier run left here (resume=never); the directory itself stays."""
@@ -257,10 +260,7 @@ class RunDir:
 
     def fail(self, reason: str) -> None:
         if getattr(self, "_manifest", None) is not None:
-            try:
-                self.update(status="failed", finished_at=_now(), error=reason)
-            except OSError:
-                pass  # the disk that failed the run: the manifest stays `running`, which a rerun also continues
+            self.update(status="failed", finished_at=_now(), error=reason)
 
 
 def _now() -> str:
