@@ -252,10 +252,12 @@ def test_a_later_stage_refuses_a_truncated_final(rlhf, tmp_path):
 # The disk: an output_dir that cannot be written, and a write that fails part way.
 def test_an_output_dir_that_cannot_be_made_is_an_error_before_anything_runs(rlhf, tmp_path):
     (tmp_path / "afile").write_text("")
-    result = rlhf("sft", *QUICK, "output_dir=afile/run")
-    assert result.exit_code == 74
-    assert result.output.strip() == f"error: output_dir=afile/run: {tmp_path / 'afile'} is a file, not a directory"
-    assert not (tmp_path / "runs").exists()
+    for output_dir, message in [("afile/run", f"{tmp_path / 'afile'} is a file, not a directory"),
+                                ("afile", "exists and is not a directory")]:
+        result = rlhf("sft", *QUICK, f"output_dir={output_dir}")
+        assert result.exit_code == 2
+        assert result.output.strip() == f"error: output_dir={output_dir}: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_a_full_disk_while_a_checkpoint_is_written_ends_the_run_and_keeps_the_whole_ones(rlhf, tmp_path, monkeypatch):

@@ -113,10 +113,13 @@ def _fsync_tree(root: Path) -> None:
 def check_writable(path: Path, bytes_needed: int = 0) -> None:
     """Before anything trains: `path` can be created and written, with about `bytes_needed` free on its
     disk; otherwise an error naming it, rather than a failure at the first checkpoint hours later.
-    Nothing is created: the nearest existing directory is asked."""
+    Nothing is created: the nearest existing directory is asked. A path that cannot be a directory
+    is a bad value (exit 2); a directory the disk refuses, EX_IOERR."""
     existing = next(p for p in [path, *path.parents] if p.exists())
+    if existing == path and not path.is_dir():
+        raise UserError(f"output_dir={path}: exists and is not a directory")
     if not existing.is_dir():
-        raise UserError(f"output_dir={path}: {existing.absolute()} is a file, not a directory", exit_code=EXIT_WRITE_FAILED)
+        raise UserError(f"output_dir={path}: {existing.absolute()} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only filesystem, even for root
         raise UserError(f"output_dir={path}: {existing.absolute()} is not writable", exit_code=EXIT_WRITE_FAILED)
     free = shutil.disk_usage(existing).free
