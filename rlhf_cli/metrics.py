@@ -41,6 +41,15 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
+def peak_rss_mib() -> float:
+    """The most resident memory this process has held so far, in MiB: a figure that keeps rising over a
+    long run means something grows with the steps."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10, 1)  # bytes on macOS, KiB on Linux
+
+
 class Throughput:
     """Tokens per second since the last reading."""
 
@@ -92,6 +101,7 @@ class MetricsLogger:
         if not self.active:
             return
         clean = {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        clean["peak_rss_mib"] = peak_rss_mib()
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
         self._file.flush()
         if self._wandb is not None:
@@ -140,17 +150,22 @@ def _init_wandb(run_path: Path, cfg: Any):
     if run_id is None:
         run_id = uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
-    return wandb.init(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        name=cfg.wandb.name or str(run_path),
-        group=cfg.wandb.group,
-        tags=list(cfg.wandb.tags),
-        id=run_id,
-        resume="allow",
-        dir=str(run_path),
-        config=redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)),
-    )
+    # wandb records the command line; a credential in an override (an http reward's URL) must stay out.
+    argv, sys.argv = sys.argv, redact(sys.argv)
+    try:
+        return wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            name=cfg.wandb.name or str(run_path),
+            group=cfg.wandb.group,
+            tags=list(cfg.wandb.tags),
+            id=run_id,
+            resume="allow",
+            dir=str(run_path),
+            config=redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)),
+        )
+    finally:
+        sys.argv = argv
 
 
 def _init_tensorboard(run_path: Path):

@@ -11,7 +11,7 @@ import difflib
 import os
 from dataclasses import fields, is_dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Optional
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -327,9 +327,9 @@ def check_sources(cfg: Any) -> None:
         from rlhf_cli.runs.chain import chained_final
 
         chained_final(cfg.from_run, "sft", "model.path")
-    reference = getattr(getattr(cfg, "ref", None), "path", None)
-    for key, path in (("model.path", cfg.model.path), ("ref.path", reference)):
+    for key, path, kind in _model_paths(cfg):
         _check_model_path(key, path, cfg.model)
+        _check_model_kind(key, path, kind, cfg.model)
     sources = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
     if getattr(cfg.eval, "accuracy_data", None):
         sources.append(("eval.accuracy_data", cfg.eval.accuracy_data))
@@ -366,6 +366,33 @@ def _check_model_path(key: str, path: str | None, model_keys: Any) -> None:
         adapter_base_config(replace(model_keys, path=path))
     except UserError as exc:
         raise UserError(f"{key}: {exc}") from None
+
+
+def _model_paths(cfg: Any) -> list[tuple[str, Optional[str], Optional[str]]]:
+    """(key, path, the kind of model it must hold, None for either) of every model a stage loads by path."""
+    from rlhf_cli.models import CAUSAL_LM, REWARD_MODEL
+
+    # A reward model may start from a policy or from another reward model.
+    paths = [("model.path", cfg.model.path, None if cfg.stage == "train-rm" else CAUSAL_LM),
+             ("ref.path", getattr(getattr(cfg, "ref", None), "path", None), CAUSAL_LM)]
+    if hasattr(cfg, "reward"):
+        paths.append(("reward.path", cfg.reward.path, REWARD_MODEL))
+    for i, spec in enumerate(getattr(getattr(cfg, "grpo", None), "rewards", [])):
+        if spec.name == "model":
+            paths.append((f"grpo.rewards[{i}].path", spec.path, REWARD_MODEL))
+    return paths
+
+
+def _check_model_kind(key: str, path: Optional[str], kind: Optional[str], model_keys: Any) -> None:
+    """A local model directory of the wrong kind. It would load without complaint: a reward model read as a
+    policy gets a fresh language-model head, a policy read as a reward model a fresh score head."""
+    from rlhf_cli.models import model_kind
+
+    if kind is None or path is None or not os.path.isdir(path):
+        return  # tiny, or a hub id (checked as it loads)
+    found = model_kind(replace(model_keys, path=path), key)
+    if found != kind:
+        raise UserError(f"{key}: {path} is a {found.replace('_', ' ')}, not a {kind.replace('_', ' ')}")
 
 
 def _check_data_source(key: str, spec: str | None) -> None:
