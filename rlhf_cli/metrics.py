@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -41,13 +42,14 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def peak_rss_mib() -> float:
-    """The most resident memory this process has held so far, in MiB: a figure that keeps rising over a
-    long run means something grows with the steps."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10, 1)  # bytes on macOS, KiB on Linux
+def rss_mib() -> Optional[float]:
+    """This process's resident memory now, in MiB (None where there is no /proc): a figure that keeps
+    rising over a long run means something grows with the steps."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return round(resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 class Throughput:
@@ -100,8 +102,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
             return
-        clean = {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
-        clean["peak_rss_mib"] = peak_rss_mib()
+        clean = {k: v for k, v in {**metrics, "rss_mib": rss_mib()}.items()
+                 if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
         self._file.flush()
         if self._wandb is not None:

@@ -284,3 +284,42 @@ def test_debug_shows_the_traceback(rlhf, tmp_path):
     result = rlhf("sft", "--debug", "data.train=nothere.jsonl")
     assert result.exit_code != 0
     assert result.exception is not None and "nothere.jsonl" in str(result.exception)
+
+
+# (case id, arguments, text the error line must contain): misuse that click or Hydra's own parser catches
+CLI_CASES = [
+    ("unknown-command", ["frobnicate"], "No such command 'frobnicate'."),
+    ("misspelt-command", ["srt"], "No such command 'srt'. Did you mean 'sft'?"),
+    ("unknown-stage-flag", ["sft", "--bogus"], "--bogus: not an option of rlhf sft (see rlhf sft --help)"),
+    ("bad-cfg-value", ["dpo", "--cfg", "nope"], "rlhf dpo: argument --cfg/-c: invalid choice: 'nope'"),
+    ("unknown-report-option", ["report", "--bogus", "runs"], "No such option: --bogus"),
+    ("report-without-run-dir", ["report"], "Missing argument 'RUN_DIR'."),
+    ("report-negative-samples", ["report", "--samples", "-1", "runs"], "Invalid value for '--samples'"),
+    ("report-of-nothing", ["report", "nowhere"], "nowhere: no such directory"),
+    ("unknown-pipeline-flag", ["pipeline", "--bogus"], "pipeline: --bogus is not an option of the pipeline"),
+    ("unknown-pipeline-preset", ["pipeline", "pipeline=nope"], "pipeline: 'nope' is not a preset"),
+]
+
+
+@pytest.mark.parametrize("args,expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_command_line_misuse_is_one_error_line(rlhf, args, expected):
+    _assert_one_error_line(rlhf(*args), expected, exit_code=2)
+
+
+HUGE_LINE = 20 * 2**20  # characters
+
+
+@pytest.mark.faults
+def test_a_malformed_20_mb_line_is_named_not_echoed(rlhf, tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps(GOOD) + "\n" + '{"prompt": "' + "x" * HUGE_LINE + '", "completion": 2\n')
+    result = rlhf("sft", "data.train=d.jsonl", "data.eval=null", *QUICK)
+    _assert_one_error_line(result, "d.jsonl:2: malformed JSON", exit_code=2)
+    assert len(result.output) < 1000
+
+
+@pytest.mark.faults
+def test_a_20_mb_prompt_over_max_length_is_refused_by_row(rlhf, tmp_path):
+    """Tokenising 20 MB takes about 40 s and 4 GB here: the row is refused, not the machine."""
+    write_jsonl(tmp_path / "d.jsonl", [GOOD, {"prompt": "x" * HUGE_LINE, "completion": "2"}])
+    result = rlhf("sft", "data.train=d.jsonl", "data.eval=null", "data.truncation=error", *QUICK)
+    _assert_one_error_line(result, f"d.jsonl:2: {HUGE_LINE + 2} tokens, over data.max_length=", exit_code=2)
