@@ -31,6 +31,7 @@ except ImportError:
 from rlhf_cli import __version__
 from rlhf_cli.errors import UserError
 from rlhf_cli.report.document import PageFormat
+from rlhf_cli.runs import redact
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -55,7 +56,6 @@ EVAL_HELP = ("Evaluate a checkpoint (sft/final unless model.path is set): accura
 _HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                       "--config-dir", "-cd", "--experimental-rerun"}
 _INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-
 
 
 class _OneLineUsageErrors(TyperGroup):
@@ -180,8 +180,6 @@ def _die(message: str, code: int) -> None:
 
 
 def _report(message: str) -> None:
-    from rlhf_cli.runs import redact
-
     line = f"error: {' '.join(redact(message).split())}\n"  # a console is often a log file
     errors_dir = os.environ.get(ERRORS_ENV)
     if errors_dir:  # one of launcher.nproc's processes, which often all fail alike: the launcher prints one line

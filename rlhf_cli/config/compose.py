@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from rlhf_cli.config.schema import CONFIG_SCHEMAS, show_value
@@ -38,6 +38,8 @@ def check_overrides(stage: str, overrides: list[str], file_overrides: list[FileO
     origins = {o.text: o.origin for o in file_overrides}
     configs = [load_config(stage, job, origins) for job in sweep_jobs(overrides)]
     for cfg in configs:
+        if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+            raise UserError(f"output_dir={cfg.output_dir}: exists and is not a directory")
         if stage == "eval":
             check_eval_sources(cfg)
         else:
@@ -80,6 +82,10 @@ def load_config(stage: str, overrides: list[str], origins: dict[str, str] | None
         resolved = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _translate(exc, CONFIG_SCHEMAS[stage], origins) from None
+    added = _keys_outside_schema(cfg)
+    if added:
+        parent = added[0].rpartition(".")[0]
+        raise _unknown_key(_origin(added[0], "", origins), added[0], _child_keys(CONFIG_SCHEMAS[stage], parent))
     if stage == "eval":
         validate_eval(resolved)
     else:
@@ -111,13 +117,11 @@ def _translate(exc: Exception, schema: type, origins: dict[str, str]) -> UserErr
     full_key = getattr(cause, "full_key", None) or ""
     where = _origin(full_key, str(exc), origins)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and " not in " in str(cause):
-        parent, _, leaf = full_key.rpartition(".")
+        parent = full_key.rpartition(".")[0]
         # Hydra's settings are dataclasses of Hydra and its plugins, not of our schema.
         hydra_node = getattr(cause, "object_type", None) if full_key.startswith("hydra.") else None
         valid = [f.name for f in fields(hydra_node)] if is_dataclass(hydra_node) else _child_keys(schema, parent)
-        hint = difflib.get_close_matches(leaf, valid, n=1)
-        suggestion = f"; did you mean '{_join(parent, hint[0])}'?" if hint else ""
-        return UserError(f"{where}unknown key '{full_key}'{suggestion} (valid keys{_in(parent)}: {', '.join(valid)})")
+        return _unknown_key(where, full_key, valid)
     if isinstance(cause, ValidationError):
         enum_choices = _enum_choices(schema, full_key)
         if enum_choices:
@@ -138,6 +142,27 @@ def _translate(exc: Exception, schema: type, origins: dict[str, str]) -> UserErr
         return UserError(f"bad override: {_first_line(str(exc))}")
     message = " ".join(str(exc).split()) if isinstance(exc, HydraException) else _first_line(str(exc))
     return UserError(f"{where}{message}")
+
+
+def _unknown_key(where: str, full_key: str, valid: list[str]) -> UserError:
+    parent, _, leaf = full_key.rpartition(".")
+    hint = difflib.get_close_matches(leaf, valid, n=1)
+    suggestion = f"; did you mean '{_join(parent, hint[0])}'?" if hint else ""
+    return UserError(f"{where}unknown key '{full_key}'{suggestion} (valid keys{_in(parent)}: {', '.join(valid)})")
+
+
+def _keys_outside_schema(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added where the schema has none. Hydra lets `+` add to a typed config,
+    and the stage would never read them: a misspelt `+train.lrr=1` would pass in silence."""
+    known = {f.name for f in fields(OmegaConf.get_type(node))}
+    added = []
+    for key in node:
+        child = node._get_node(key)
+        if key not in known:
+            added.append(f"{prefix}{key}")
+        elif isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
+            added += _keys_outside_schema(child, f"{prefix}{key}.")
+    return added
 
 
 def _origin(full_key: str, message: str, origins: dict[str, str]) -> str:
