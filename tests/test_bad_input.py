@@ -290,23 +290,30 @@ def test_debug_shows_the_traceback(rlhf, tmp_path):
     assert result.exception is not None and "nothere.jsonl" in str(result.exception)
 
 
-# (case id, arguments, text the error line must contain): misuse that click or Hydra's own parser catches
+# (case id, files {name: content}, arguments, text the error line must contain): misuse of the verbs, and
+# what click's or Hydra's own parser catches
 CLI_CASES = [
-    ("unknown-command", ["frobnicate"], "No such command 'frobnicate'."),
-    ("misspelt-command", ["srt"], "No such command 'srt'. Did you mean 'sft'?"),
-    ("unknown-stage-flag", ["sft", "--bogus"], "--bogus: not an option of rlhf sft (see rlhf sft --help)"),
-    ("bad-cfg-value", ["dpo", "--cfg", "nope"], "rlhf dpo: argument --cfg/-c: invalid choice: 'nope'"),
-    ("unknown-report-option", ["report", "--bogus", "runs"], "No such option: --bogus"),
-    ("report-without-run-dir", ["report"], "Missing argument 'RUN_DIR'."),
-    ("report-negative-samples", ["report", "--samples", "-1", "runs"], "Invalid value for '--samples'"),
-    ("report-of-nothing", ["report", "nowhere"], "nowhere: no such directory"),
-    ("unknown-pipeline-flag", ["pipeline", "--bogus"], "pipeline: --bogus is not an option of the pipeline"),
-    ("unknown-pipeline-preset", ["pipeline", "pipeline=nope"], "pipeline: 'nope' is not a preset"),
+    ("unknown-command", {}, ["frobnicate"], "No such command 'frobnicate'."),
+    ("misspelt-command", {}, ["srt"], "No such command 'srt'. Did you mean 'sft'?"),
+    ("unknown-stage-flag", {}, ["sft", "--bogus"], "--bogus: not an option of rlhf sft (see rlhf sft --help)"),
+    ("bad-cfg-value", {}, ["dpo", "--cfg", "nope"], "rlhf dpo: argument --cfg/-c: invalid choice: 'nope'"),
+    ("unknown-report-option", {}, ["report", "--bogus", "runs"], "No such option: --bogus"),
+    ("report-without-run-dir", {}, ["report"], "Missing argument 'RUN_DIR'."),
+    ("report-negative-samples", {}, ["report", "--samples", "-1", "runs"], "Invalid value for '--samples'"),
+    ("report-of-nothing", {}, ["report", "nowhere"], "nowhere: no such directory"),
+    ("report-corrupt-manifest", {"r/sft/manifest.json": "{oops"}, ["report", "r", "--samples", "0"], "r/sft/manifest.json: corrupt manifest (not JSON)"),
+    ("report-corrupt-metrics-line", {"r/sft/manifest.json": json.dumps({"stage": "sft", "status": "completed"}),
+                                     "r/sft/metrics.jsonl": '{"step": 1, "loss": 1.0}\n{oops\n{"step": 2, "loss": 0.5}\n'},
+     ["report", "r", "--samples", "0"], "r/sft/metrics.jsonl:2: not a JSON object"),
+    ("unknown-pipeline-flag", {}, ["pipeline", "--bogus"], "pipeline: --bogus is not an option of the pipeline"),
+    ("unknown-pipeline-preset", {}, ["pipeline", "pipeline=nope"], "pipeline: 'nope' is not a preset"),
+    ("misspelt-pipeline-stage-key", {}, ["pipeline", "sft.train.lrr=1"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
 ]
 
 
-@pytest.mark.parametrize("args,expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
-def test_command_line_misuse_is_one_error_line(rlhf, args, expected):
+@pytest.mark.parametrize("files,args,expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_command_line_misuse_is_one_error_line(rlhf, tmp_path, files, args, expected):
+    _write_files(tmp_path, files)
     _assert_one_error_line(rlhf(*args), expected)
 
 
