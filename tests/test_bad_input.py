@@ -212,6 +212,7 @@ CHAIN_CASES = [
     ("dpo-from-run-final-missing", "dpo", {}, ["from_run={run:sft:completed:-}"], "final: missing, though the manifest beside it says completed"),
     ("grpo-from-run-sft-failed", "grpo", {}, ["from_run={run:sft:failed:-}"], "holds a failed run: run `rlhf sft` first"),
     ("resume-from-a-final", "sft", {}, ["resume={chain}/rm/final", "model.path={chain}/sft/final"], "rm/final: not a complete checkpoint"),
+    ("resume-from-a-reward-model-checkpoint", "sft", {}, ["resume={chain}/rm/checkpoints/step-2"], "rm/checkpoints/step-2: checkpoint weights do not fit"),
     ("model-config-not-json", "sft", {}, ["model.path={broken:config_not_json}"], "config.json: not valid JSON"),
     ("model-config-a-list", "dpo", {}, ["model.path={broken:config_a_list}"], "config.json: not a JSON object, found list"),
     ("model-without-weights", "sft", {}, ["model.path={broken:no_weights}"], "no file named model.safetensors"),
