@@ -308,7 +308,7 @@ CLI_CASES = [
      ["report", "r", "--samples", "0"], "r/sft/metrics.jsonl:2: not a JSON object"),
     ("unknown-pipeline-flag", {}, ["pipeline", "--bogus"], "pipeline: --bogus is not an option of the pipeline"),
     ("unknown-pipeline-preset", {}, ["pipeline", "pipeline=nope"], "pipeline: 'nope' is not a preset"),
-    ("misspelt-pipeline-stage-key", {}, ["pipeline", "sft.train.lrr=1"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    ("misspelt-pipeline-stage-key", {}, ["pipeline", "sft.train.lrr=1"], "pipeline stage sft: unknown key 'train.lrr'; did you mean"),
 ]
 
 
