@@ -5,6 +5,7 @@ misuse (CLI_CASES); the README's "Errors" section counts them by kind."""
 
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -233,8 +234,6 @@ CHAIN_CASES = [
 
 def _placeholders(text, chain, root):
     """`text` with {chain}, {broken:NAME} and {run:STAGE:STATUS:FINAL} made real under `root`."""
-    import re
-
     text = text.replace("{chain}", str(chain))
     for name in re.findall(r"\{broken:(\w+)\}", text):
         model = root / f"broken-{name}"
