@@ -389,16 +389,22 @@ class _StageCommand(TyperCommand):
 @contextlib.contextmanager
 def _user_errors(debug: bool) -> Iterator[None]:
     """A verb's bad input as one `error:` line; with --debug (which the stages' Hydra task also reads
-    from the environment) the traceback instead."""
+    from the environment, for this command only) the traceback instead."""
+    before = {name: os.environ.get(name) for name in (DEBUG_ENV, "HYDRA_FULL_ERROR")}
     if debug:
-        os.environ[DEBUG_ENV] = "1"
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+        os.environ.update({name: "1" for name in before})
     try:
         yield
     except UserError as exc:
         if debug:
             raise
         _die(str(exc), exc.exit_code)
+    finally:  # a process that runs more commands (tests, notebooks) gets one-line errors again
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _make_stage_command(stage: str, summary: str) -> None:

@@ -5,6 +5,7 @@ misuse (CLI_CASES); the README's "Errors" section counts them by kind."""
 
 import hashlib
 import json
+import os
 import re
 import shutil
 
@@ -284,10 +285,14 @@ def test_bad_input_leaves_a_completed_run_untouched(rlhf, tmp_path):
     assert before == after
 
 
-def test_debug_shows_the_traceback(rlhf, tmp_path):
+def test_debug_shows_the_traceback_of_its_own_command_only(rlhf, tmp_path):
+    from rlhf_cli.cli import DEBUG_ENV
+
     result = rlhf("sft", "--debug", "data.train=nothere.jsonl")
     assert result.exit_code != 0
     assert result.exception is not None and "nothere.jsonl" in str(result.exception)
+    # The stages read --debug from the environment; the next command in this process must not.
+    assert DEBUG_ENV not in os.environ and "HYDRA_FULL_ERROR" not in os.environ
 
 
 # (case id, files {name: content}, arguments, text the error line must contain): misuse of the verbs, and
