@@ -35,7 +35,10 @@ test-slurm: install
 	bash scripts/slurm-local.sh start
 	$(BIN)/pytest -q -m slurm
 
+# bench/vs_trl.py needs TRL, a benchmark-only extra; the rest needs only the package.
 bench: install
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[bench]"
+	$(BIN)/python bench/vs_trl.py
 	OMP_NUM_THREADS=2 $(BIN)/python bench/dpo_reference_memory.py
 	$(BIN)/python bench/zero_throughput.py
 	OMP_NUM_THREADS=2 $(BIN)/python bench/lora_memory.py

@@ -1,8 +1,9 @@
 """Generation behind one small interface: token-id prompts in, token-id completions out.
 
-The default engine is transformers' `generate` with KV cache, left-padded prompts and stopping at
-any stop token. Completions are cut after their first stop token (kept, since it was generated)
-and carry no padding (a sequence only pads after it stopped).
+The default engine decodes with the model's KV cache: each distinct prompt runs once (a GRPO group
+repeats its prompt G times), its keys and values are shared by the rows that continue it, and the
+rows decode together until every one has produced a stop token or max_new_tokens. Completions are
+cut after their first stop token (kept, since it was generated) and carry no padding.
 
 The RL stages sample through a `Sampler` made by `make_sampler` from the `rollout` keys. The `hf`
 engine samples from the training module itself; an engine with its own copy of the weights (vLLM)
@@ -19,7 +20,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-from rlhf_cli.data.batches import left_pad
+from rlhf_cli.models.shared_prompt import kv_cache, right_padded
 
 
 @torch.no_grad()
@@ -37,8 +38,6 @@ def generate(
 ) -> list[list[int]]:
     """Completions for `prompts`: greedy when temperature is 0, else sampled, row i from `seeds[i]`.
     Under ZeRO-3 the weights are gathered once for the whole call, not once per generated token."""
-    from transformers import LogitsProcessorList
-
     from rlhf_cli.engine.zero import full_weights
 
     sampling = temperature > 0
@@ -46,49 +45,67 @@ def generate(
         raise ValueError("sampling needs one seed per prompt")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     completions: list[list[int]] = []
     try:
         with full_weights(model):
             for start in range(0, len(prompts), batch_size):
-                input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
-                processors = LogitsProcessorList()
-                if sampling:
-                    processors.append(RowSampler(seeds[start : start + batch_size], temperature, top_p))
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,  # the RowSampler has already picked each row's token; greedy takes it
-                    logits_processor=processors,
-                    eos_token_id=sorted(stop_ids),
-                    pad_token_id=pad_id,
-                )
-                for row in output[:, input_ids.size(1) :].tolist():
-                    completions.append(_cut_at_stop(row, stop_ids))
+                chunk = prompts[start : start + batch_size]
+                pick = RowSampler(seeds[start : start + batch_size], temperature, top_p) if sampling else _greedy
+                completions.extend(_decode(model, chunk, max_new_tokens, pad_id, stop_ids, pick))
     finally:
         model.train(was_training)
     return completions
 
 
+def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, stop_ids: set[int], pick) -> list[list[int]]:
+    """One batch of rows decoded together; `pick` turns each step's (rows, vocab) logits into token ids."""
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    owners = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    prompt_ids, prompt_mask = (t.to(device) for t in right_padded([list(p) for p in distinct], pad_id))
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    cache_name, cache = kv_cache(out)
+    cache.batch_select_indices(owners)
+    prompt_lengths = prompt_mask.sum(-1)
+    logits = out.logits[torch.arange(len(distinct), device=device), prompt_lengths - 1][owners]
+    lengths, attention = prompt_lengths[owners], prompt_mask[owners]
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    tokens = []
+    for step in range(max_new_tokens):
+        next_ids = pick(logits).masked_fill(stopped, pad_id)
+        tokens.append(next_ids)
+        stopped |= torch.isin(next_ids, stops)
+        if step + 1 == max_new_tokens or bool(stopped.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        out = model(input_ids=next_ids[:, None], attention_mask=attention, position_ids=(lengths + step)[:, None],
+                    use_cache=True, **{cache_name: cache})
+        logits = out.logits[:, -1]
+    return [_cut_at_stop(row, stop_ids) for row in torch.stack(tokens, dim=1).tolist()]
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
 class RowSampler:
-    """A logits processor that samples every row from temperature- and top-p-shaped probabilities with
-    the row's own generator, and leaves only the drawn token possible. One uniform draw per row and
-    step (inverse CDF), so row i's k-th token depends on seeds[i] and its own logits alone."""
+    """Draws every row's next token from temperature- and top-p-shaped probabilities with the row's own
+    generator: one uniform draw per row and step (inverse CDF), so row i's k-th token depends on
+    seeds[i] and its own logits alone."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.temperature = temperature
         self.top_p = top_p
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = top_p_probabilities(scores.float() / self.temperature, self.top_p).cpu()
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = top_p_probabilities(logits.float() / self.temperature, self.top_p).cpu()
         cumulative = probs.cumsum(-1)
         uniforms = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators]).float()
         tokens = torch.searchsorted(cumulative, uniforms * cumulative[:, -1:]).clamp(max=probs.size(-1) - 1)
         tokens = torch.where(probs.gather(1, tokens) > 0, tokens, probs.argmax(-1, keepdim=True))  # never a cut-off token
-        chosen = torch.full_like(scores, float("-inf"))
-        return chosen.scatter_(1, tokens.to(scores.device), 0.0)
+        return tokens[:, 0].to(logits.device)
 
 
 def top_p_probabilities(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -29,3 +29,33 @@ def test_a_rows_completion_depends_on_its_seed_not_on_its_batch():
     assert together == apart
     assert generate(model, prompts, batch_size=4, seeds=row_seeds(6, step=3, first_row=0, count=4), **common) != together
     assert row_seeds(5, step=3, first_row=2, count=2) == seeds[2:]
+
+
+def _tiny():
+    from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
+    return tokenizer, load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0)
+
+
+def test_greedy_decoding_equals_transformers_generate():
+    tokenizer, model = _tiny()
+    prompts = [tokenizer.encode(text) for text in ("12+7=", "3*4=", "Q: 100-1=", "8+8=")]
+    ours = generate(model, prompts, max_new_tokens=10, pad_id=tokenizer.pad_token_id,
+                    stop_ids={tokenizer.eos_token_id}, batch_size=4)
+    for prompt, completion in zip(prompts, ours):
+        output = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        assert output[0, len(prompt):].tolist()[: len(completion)] == completion
+
+
+def test_rows_sharing_a_prompt_sample_as_if_alone():
+    tokenizer, model = _tiny()
+    group = [tokenizer.encode("12+7=")] * 4 + [tokenizer.encode("Q: 3*4=")] * 4
+    seeds = row_seeds(1, step=0, first_row=0, count=len(group))
+    common = dict(max_new_tokens=8, pad_id=tokenizer.pad_token_id, stop_ids={tokenizer.eos_token_id}, temperature=1.0)
+    together = generate(model, group, batch_size=len(group), seeds=seeds, **common)
+    alone = [generate(model, [prompt], batch_size=1, seeds=[seed], **common)[0] for prompt, seed in zip(group, seeds)]
+    assert together == alone
+    assert len(set(map(tuple, together[:4]))) > 1  # one prompt, different draws

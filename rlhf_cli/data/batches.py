@@ -80,14 +80,3 @@ def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tens
     else:
         batch["attention_mask"] = attention_mask
     return batch
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and attention mask, the layout batched generation needs."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask

@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_cli.algos.dpo import VARIANTS, logratio_margin
 from rlhf_cli.algos.losses import sequence_logprobs
-from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.batches import StepBatches
 from rlhf_cli.data.preferences import to_preference_groups
-from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
+from rlhf_cli.data.tokenize import encode_prompt_response, stop_token_ids
 from rlhf_cli import distributed
 from rlhf_cli.engine import make_engine
 from rlhf_cli.engine.zero import frozen_for_inference
@@ -39,11 +39,11 @@ from rlhf_cli.models import (
     apply_lora,
     count_parameters,
     default_device,
-    forward_inputs,
     load_causal_lm,
     load_reference,
     load_tokenizer,
 )
+from rlhf_cli.models.shared_prompt import collate_responses, response_logits
 from rlhf_cli.runs import REFERENCE_CACHE
 from rlhf_cli.stages import (
     RunStart,
@@ -241,13 +241,11 @@ def _encode(tokenizer, rows, cfg: Any, stop_ids: set[int], name: str) -> list[Pa
 
 
 def _score(model, pairs: list[Pair], pad_id: int, device: torch.device, length_normalised: bool) -> Scored:
-    """One forward over the chosen rows followed by the rejected rows."""
-    rows = [TokenizedSample(list(p.prompt + p.chosen), [False] * len(p.prompt) + [True] * len(p.chosen), p.where) for p in pairs]
-    rows += [TokenizedSample(list(p.prompt + p.rejected), [False] * len(p.prompt) + [True] * len(p.rejected), p.where) for p in pairs]
-    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-    logits = model(**forward_inputs(batch)).logits
-    sums, counts = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+    """The chosen and the rejected responses of every pair, in one forward (each prompt once when shared)."""
     n = len(pairs)
+    batch = collate_responses([list(p.prompt) for p in pairs], [list(p.chosen) for p in pairs] + [list(p.rejected) for p in pairs],
+                              list(range(n)) * 2, pad_id).to(device)
+    sums, counts = sequence_logprobs(response_logits(model, batch), batch.input_ids, batch.loss_mask)
     aggregated = sums / counts if length_normalised else sums
     return Scored(sums[:n], sums[n:], aggregated[:n], aggregated[n:], counts[:n], counts[n:])
 

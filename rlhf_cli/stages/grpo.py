@@ -21,9 +21,9 @@ import torch
 
 from rlhf_cli.algos.losses import token_logprobs
 from rlhf_cli.algos.policy import ADVANTAGES, KL_ESTIMATORS, aggregate_loss, clipped_surrogate
-from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.batches import StepBatches
 from rlhf_cli.data.sources import load_rows
-from rlhf_cli.data.tokenize import EncodedPrompt, TokenizedSample, encode_prompts, stop_token_ids
+from rlhf_cli.data.tokenize import EncodedPrompt, encode_prompts, stop_token_ids
 from rlhf_cli import distributed
 from rlhf_cli.engine import make_engine
 from rlhf_cli.engine.zero import frozen_for_inference
@@ -33,11 +33,11 @@ from rlhf_cli.models import (
     apply_lora,
     count_parameters,
     default_device,
-    forward_inputs,
     load_causal_lm,
     load_reference,
     load_tokenizer,
 )
+from rlhf_cli.models.shared_prompt import PromptResponses, collate_responses, response_logits
 from rlhf_cli.rewards import RewardModel, build_rewards, score
 from rlhf_cli.rollout import Sampler, make_sampler, row_seeds
 from rlhf_cli.stages import (
@@ -59,7 +59,7 @@ log = logging.getLogger("rlhf")
 class Rollout:
     """One micro-batch of sampled completions, ready for the loss."""
 
-    batch: dict[str, torch.Tensor]  # prompt + completion rows; loss_mask marks completion tokens
+    batch: PromptResponses  # each prompt once, its G completions after it; loss_mask marks the kept completions' tokens
     advantages: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor | None  # (B, T-1), when mu > 1
     ref_logprobs: torch.Tensor | None  # (B, T-1), when beta > 0
@@ -123,9 +123,9 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             for i, micro in enumerate(batches.micro_batches(step)):
                 seeds = row_seeds(cfg.train.seed, step, batches.first_position(i) * g.num_generations, len(micro) * g.num_generations)
                 rollouts.append(_rollout(policy, reference, tokenizer, sampler, micro, rewards, cfg, device, seeds=seeds, stats=stats))
-                throughput.add(int(rollouts[-1].batch["attention_mask"].sum()))
+                throughput.add(rollouts[-1].batch.num_tokens)
             num_sequences = distributed.total(sum(r.kept for r in rollouts))
-            num_tokens = distributed.total(sum(int(r.batch["loss_mask"][:, 1:].sum()) for r in rollouts))
+            num_tokens = distributed.total(sum(int(r.batch.loss_mask[:, 1:].sum()) for r in rollouts))
 
             # 4b. mu updates on the same rollouts, the normaliser counted over the whole step.
             lr = engine.lr
@@ -134,10 +134,10 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 totals.zero_()
                 for rollout in rollouts:
                     batch = rollout.batch
-                    mask = batch["loss_mask"][:, 1:].float()
+                    mask = batch.loss_mask[:, 1:].float()
                     with engine.autocast():
-                        logits = policy(**forward_inputs(batch)).logits
-                    logprobs = token_logprobs(logits / cfg.rollout.temperature, batch["input_ids"])
+                        logits = response_logits(policy, batch)
+                    logprobs = token_logprobs(logits / cfg.rollout.temperature, batch.input_ids)
                     old = rollout.old_logprobs if rollout.old_logprobs is not None else logprobs.detach()
                     per_token, clipped = clipped_surrogate(logprobs, old, rollout.advantages[:, None], g.epsilon_low, g.epsilon_high)
                     kl = torch.zeros_like(per_token)
@@ -204,13 +204,14 @@ def _rollout(policy, reference, tokenizer, sampler: Sampler, prompts: list[Encod
     stats.setdefault("length", []).extend(len(c) for c in completions)
     stats.setdefault("zero_std", []).extend((~spread).float().tolist())
 
-    keep = [bool(spread[i // group]) or not g.filter_zero_std for i in range(len(completions))]
-    rows = [TokenizedSample(repeated[i] + completions[i], [False] * len(repeated[i]) + [keep[i]] * len(completions[i]), "")
-            for i in range(len(completions))]
-    batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+    keep = spread.repeat_interleave(group) | (not g.filter_zero_std)
+    owners = [i // group for i in range(len(completions))]
+    batch = collate_responses([p.ids for p in prompts], completions, owners, tokenizer.pad_token_id)
+    batch.loss_mask &= keep[:, None]
+    batch = batch.to(device)
     old = ref = None
     if g.inner_updates > 1:
-        old = token_logprobs(policy(**forward_inputs(batch)).logits / cfg.rollout.temperature, batch["input_ids"])
+        old = token_logprobs(response_logits(policy, batch) / cfg.rollout.temperature, batch.input_ids)
     if reference is not None:
-        ref = token_logprobs(reference(**forward_inputs(batch)).logits / cfg.rollout.temperature, batch["input_ids"])
-    return Rollout(batch, advantages.to(device), old, ref, kept=sum(keep))
+        ref = token_logprobs(response_logits(reference, batch) / cfg.rollout.temperature, batch.input_ids)
+    return Rollout(batch, advantages.to(device), old, ref, kept=int(keep.sum()))

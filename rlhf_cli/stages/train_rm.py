@@ -19,14 +19,15 @@ from typing import Any
 import torch
 
 from rlhf_cli.algos.rewards import bradley_terry_loss, reward_centering_penalty
-from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.batches import StepBatches
 from rlhf_cli.data.preferences import PreferenceGroup, to_preference_groups
-from rlhf_cli.data.tokenize import TokenizedSample, encode_prompt_response, stop_token_ids
+from rlhf_cli.data.tokenize import encode_prompt_response, stop_token_ids
 from rlhf_cli import distributed
 from rlhf_cli.engine import make_engine
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import apply_lora, count_parameters, default_device, load_reward_model, load_tokenizer
+from rlhf_cli.models.shared_prompt import collate_responses, response_scores
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -46,7 +47,8 @@ log = logging.getLogger("rlhf")
 @dataclass(frozen=True)
 class EncodedGroup:
     where: str
-    sequences: tuple[tuple[int, ...], ...]  # prompt + response ids, one per response
+    prompt: tuple[int, ...]
+    responses: tuple[tuple[int, ...], ...]
     pairs: tuple[tuple[int, int, float], ...]
 
 
@@ -100,7 +102,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 engine.backward(loss)
                 gap = (chosen - rejected).detach()
                 totals += torch.stack([loss.detach(), (gap > 0).sum(), gap.sum(), torch.tensor(float(gap.numel()))])
-                throughput.add(sum(len(s) for g in groups for s in g.sequences))
+                throughput.add(sum(len(g.prompt) + len(r) for g in groups for r in g.responses))
             grad_norm = engine.step()
             done = step + 1
             metrics.advance(done)
@@ -130,25 +132,27 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
 
 
 def _encode(tokenizer, groups: list[PreferenceGroup], stop_ids: set[int], data_cfg: Any, name: str) -> list[EncodedGroup]:
-    """Token ids of every response of every group; groups over data.max_length are cut, dropped or refused."""
+    """Token ids of every group's prompt and responses; groups over data.max_length are cut, dropped or refused."""
     encoded, truncated, dropped = [], 0, []
     for group in groups:
-        sequences = []
+        prompt: list[int] = []
+        responses = []
         for response in group.responses:
-            prompt_ids, response_ids = encode_prompt_response(tokenizer, group.prompt, response, stop_ids, group.where)
-            sequences.append(tuple(prompt_ids + response_ids))
-        if max(len(s) for s in sequences) > data_cfg.max_length:
+            prompt, response_ids = encode_prompt_response(tokenizer, group.prompt, response, stop_ids, group.where)
+            responses.append(tuple(response_ids))
+        longest = len(prompt) + max(len(r) for r in responses)
+        if longest > data_cfg.max_length:
             if data_cfg.truncation.value == "error":
-                raise UserError(f"{group.where}: {max(len(s) for s in sequences)} tokens, over data.max_length={data_cfg.max_length}")
+                raise UserError(f"{group.where}: {longest} tokens, over data.max_length={data_cfg.max_length}")
             if data_cfg.truncation.value == "drop":
                 dropped.append(group.where)
                 continue
             truncated += 1
-            sequences = [s[: data_cfg.max_length] for s in sequences]
-            if any(sequences[a] == sequences[b] for a, b, _ in group.pairs):
+            responses = [r[: max(data_cfg.max_length - len(prompt), 0)] for r in responses]
+            if any(responses[a] == responses[b] for a, b, _ in group.pairs):
                 dropped.append(group.where)  # truncation left a pair's two responses identical
                 continue
-        encoded.append(EncodedGroup(group.where, tuple(sequences), group.pairs))
+        encoded.append(EncodedGroup(group.where, tuple(prompt), tuple(responses), group.pairs))
     if truncated or dropped:
         log.warning(f"{name}: {truncated} of {len(groups)} prompts truncated to data.max_length={data_cfg.max_length}, {len(dropped)} dropped")
     if groups and not encoded:
@@ -157,14 +161,11 @@ def _encode(tokenizer, groups: list[PreferenceGroup], stop_ids: set[int], data_c
 
 
 def _rewards(model, groups: list[EncodedGroup], pad_id: int, device: torch.device, engine) -> torch.Tensor:
-    """(N,) rewards of every sequence of the groups, in order."""
-    samples = [TokenizedSample(list(s), [False] * len(s), g.where) for g in groups for s in g.sequences]
-    batch = collate(samples, pad_id)
+    """(N,) rewards of every response of the groups, in order; each prompt runs once."""
+    owners = [i for i, g in enumerate(groups) for _ in g.responses]
+    batch = collate_responses([list(g.prompt) for g in groups], [list(r) for g in groups for r in g.responses], owners, pad_id)
     with engine.autocast():
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-        ).logits
-    return logits[:, 0].float()
+        return response_scores(model, batch.to(device)).float()
 
 
 def _pairs(groups: list[EncodedGroup], rewards: torch.Tensor, prompts_in_step: int, device: torch.device):
@@ -177,7 +178,7 @@ def _pairs(groups: list[EncodedGroup], rewards: torch.Tensor, prompts_in_step: i
             rejected_index.append(offset + worse)
             margins.append(margin)
             weights.append(1.0 / (len(group.pairs) * prompts_in_step))
-        offset += len(group.sequences)
+        offset += len(group.responses)
     as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
     return (
         rewards[as_tensor(chosen_index, torch.long)],
@@ -209,6 +210,6 @@ def evaluate(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, de
 def chosen_reward_stats(model, groups: list[EncodedGroup], pad_id: int, batch_size: int, device: torch.device, engine) -> dict[str, float]:
     """Mean and standard deviation of the reward of each prompt's best response."""
     model.eval()
-    best = [EncodedGroup(g.where, (g.sequences[g.pairs[0][0]],), ()) for g in groups]
+    best = [EncodedGroup(g.where, g.prompt, (g.responses[g.pairs[0][0]],), ()) for g in groups]
     rewards = torch.cat([_rewards(model, best[i : i + batch_size], pad_id, device, engine) for i in range(0, len(best), batch_size)])
     return {"mean": float(rewards.mean()), "std": float(rewards.std()) if len(rewards) > 1 else 0.0, "samples": len(rewards)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_cli.config.schema import ModelConfig, Truncation
-from rlhf_cli.data.batches import StepBatches, collate, left_pad
+from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.formats import Message, SFTExample
 from rlhf_cli.data.tokenize import (
     TokenizedSample,
@@ -435,7 +435,7 @@ def test_packed_row_isolated_in_the_call_sft_makes(model, tok, packed_three):
         offset += n
 
 
-# ---------------------------------------------------------------- collate and left_pad
+# ---------------------------------------------------------------- collate
 
 
 def test_collate_right_pads():
@@ -463,12 +463,6 @@ def test_collate_packed_rows_pass_position_ids_and_no_attention_mask():
     # Padding restarts at 0: it is a sample of its own and never joins the last real one.
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
     assert batch["loss_mask"].tolist() == [[False, True, False, True], [False, True, False, False]]
-
-
-def test_left_pad():
-    ids, mask = left_pad([[5, 6, 7], [8]], 0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 # ---------------------------------------------------------------- StepBatches
