@@ -29,6 +29,26 @@ def rlhf(tmp_path, monkeypatch):
     return invoke
 
 
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """runs/default/{sft,rm} of three steps each (rm keeps its step-2 checkpoint), a from_run for the later stages
+    (trained once per test module)."""
+    from rlhf_cli.cli import app
+
+    root = tmp_path_factory.mktemp("chain")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        for args in (["sft", "train.max_steps=3", "train.batch_size=4", "eval.generate=0", "eval.max_samples=8"],
+                     ["train-rm", "train.max_steps=3", "train.batch_size=4", "eval.max_samples=8", "rm.stats_samples=8",
+                      "train.save_every=2"]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(here)
+    return root / "runs/default"
+
+
 # Tiny, fast settings for a stage run on the built-in model.
 QUICK = ["train.max_steps=3", "train.batch_size=4", "train.log_every=1", "eval.generate=0", "eval.max_samples=8"]
 

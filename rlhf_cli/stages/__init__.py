@@ -40,8 +40,6 @@ def open_run(cfg: Any) -> RunStart:
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     config_yaml = OmegaConf.to_yaml(redact(config))
     run = RunDir(cfg.output_dir)
-    if run.path.exists() and not run.path.is_dir():
-        raise UserError(f"output_dir={cfg.output_dir}: exists and is not a directory")
     if cfg.resume == "never":
         return RunStart(run, None, config, config_yaml)
     if cfg.resume != "auto":
