@@ -60,3 +60,15 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    """The tiny model with seed-0 weights saved as a model directory, as a hub download would be."""
+    from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
+    load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"

@@ -71,28 +71,16 @@ def test_the_malicious_payload_runs_when_unpickled_plainly(tmp_path):
     assert (tmp_path / "ran").exists()
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    """The built-in model saved as a model directory, as a hub download would be."""
-    from rlhf_cli.config.schema import ModelConfig
-    from rlhf_cli.models import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
-    load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
-
-
 def _one_error_line(result) -> str:
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
     return line
 
 
-def test_pickled_weights_that_would_run_code_are_refused_unread(rlhf, tmp_path, tiny_model_dir):
-    (tiny_model_dir / "model.safetensors").unlink()
-    _malicious_weights(tiny_model_dir / "pytorch_model.bin", tmp_path / "ran")
-    result = rlhf("sft", f"model.path={tiny_model_dir}", "data.eval=null", *QUICK)
+def test_pickled_weights_that_would_run_code_are_refused_unread(rlhf, tmp_path, saved_tiny):
+    (saved_tiny / "model.safetensors").unlink()
+    _malicious_weights(saved_tiny / "pytorch_model.bin", tmp_path / "ran")
+    result = rlhf("sft", f"model.path={saved_tiny}", "data.eval=null", *QUICK)
     assert "the weights hold pickled objects beyond tensors" in _one_error_line(result)
     assert not (tmp_path / "ran").exists()
 
@@ -107,12 +95,12 @@ def test_a_checkpoint_holding_a_malicious_pickle_is_not_run(rlhf, tmp_path):
     assert not list(tmp_path.glob("ran-*"))
 
 
-def test_a_model_with_its_own_code_is_refused_without_trust_remote_code(rlhf, tmp_path, tiny_model_dir):
-    config = json.loads((tiny_model_dir / "config.json").read_text())
+def test_a_model_with_its_own_code_is_refused_without_trust_remote_code(rlhf, tmp_path, saved_tiny):
+    config = json.loads((saved_tiny / "config.json").read_text())
     config.update(model_type="custom_llama", auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"})
-    (tiny_model_dir / "config.json").write_text(json.dumps(config))
-    (tiny_model_dir / "custom.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
-    result = rlhf("sft", f"model.path={tiny_model_dir}", "data.eval=null", *QUICK)
+    (saved_tiny / "config.json").write_text(json.dumps(config))
+    (saved_tiny / "custom.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    result = rlhf("sft", f"model.path={saved_tiny}", "data.eval=null", *QUICK)
     assert "needs model.trust_remote_code=true to load its own code" in _one_error_line(result)
     assert not (tmp_path / "ran").exists()
 
