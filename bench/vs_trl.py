@@ -6,8 +6,9 @@ read the same rows in the same order, with the same batch size, learning rate, c
 and generation settings. Each run is its own process; the two sides alternate, several times.
 
 Both sides are measured by the same instruments, installed in the worker process before the model
-is built: a global optimizer-step hook stamps the end of every step, and a wrapper around
-`generate` times generation and counts the tokens it produced. The clock runs from the end of
+is built: a global optimizer-step hook stamps the end of every step, and a wrapper around each
+side's generation entry point (`rlhf_cli.rollout.generate`; transformers' `generate`, which TRL
+calls) times generation and counts the tokens it produced. The clock runs from the end of
 step WARMUP to the end of the last step, so imports, set-up, tokenisation, the final save and the
 first steps' one-off costs are left out. Training tokens are the tokens of the rows trained on,
 counted once from the data (prompt + response + EOS; a pair counts its prompt twice), so padding
@@ -102,10 +103,8 @@ class Probe:
         self.generate_s: list[float] = [0.0]
         self.first_loss: float | None = None
 
-    def install(self, pad_id: int) -> None:
-        import torch
+    def install(self, side: str, pad_id: int) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
-        from transformers.generation.utils import GenerationMixin
 
         def on_step(optimizer, args, kwargs):
             self.step_ends.append(time.perf_counter())
@@ -114,20 +113,37 @@ class Probe:
             self.generate_s.append(0.0)
 
         register_optimizer_step_post_hook(on_step)
-        original_generate = GenerationMixin.generate
+        if side == "ours":
+            import rlhf_cli.rollout as rollout
 
-        def timed_generate(model, *args, **kwargs):
+            rollout.generate = self._timed(rollout.generate, self._count_ours)
+        else:
+            from transformers.generation.utils import GenerationMixin
+
+            GenerationMixin.generate = self._timed(GenerationMixin.generate, lambda *a: self._count_transformers(pad_id, *a))
+
+    def _timed(self, generate, count):
+        """Each side's generation entry point, timed; `count` gives (prompt tokens, generated tokens)."""
+        def timed(*args, **kwargs):
             start = time.perf_counter()
-            output = original_generate(model, *args, **kwargs)
+            output = generate(*args, **kwargs)
             self.generate_s[-1] += time.perf_counter() - start
-            sequences = output if isinstance(output, torch.Tensor) else output.sequences
-            prompt = kwargs.get("input_ids", args[0] if args else None)
-            new_tokens = int((sequences[:, prompt.size(1):] != pad_id).sum())
+            prompt_tokens, new_tokens = count(args, kwargs, output)
             self.generated[-1] += new_tokens
-            self.tokens[-1] += new_tokens + int(kwargs["attention_mask"].sum())  # the rows the step trains on
+            self.tokens[-1] += prompt_tokens + new_tokens  # the rows the step trains on
             return output
 
-        GenerationMixin.generate = timed_generate
+        return timed
+
+    @staticmethod
+    def _count_ours(args, kwargs, completions):
+        return sum(len(p) for p in args[1]), sum(len(c) for c in completions)
+
+    @staticmethod
+    def _count_transformers(pad_id, args, kwargs, output):
+        sequences = output if hasattr(output, "shape") else output.sequences
+        prompt = kwargs["input_ids"]
+        return int(kwargs["attention_mask"].sum()), int((sequences[:, prompt.size(1):] != pad_id).sum())
 
     def result(self, warmup: int) -> dict:
         steps = len(self.step_ends)
@@ -227,7 +243,7 @@ def worker(args: argparse.Namespace) -> None:
 
     probe = Probe()
     models = Path(args.models)
-    probe.install(AutoTokenizer.from_pretrained(models / "causal").pad_token_id)
+    probe.install(args.side, AutoTokenizer.from_pretrained(models / "causal").pad_token_id)
     (run_ours if args.side == "ours" else run_trl)(args.stage, models, args.steps, Path(args.out), probe)
     result = probe.result(args.warmup) if args.steps > args.warmup else {"first_loss": probe.first_loss}
     print("RESULT " + json.dumps(result), flush=True)

@@ -16,16 +16,23 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
+
+try:
+    from typer import _click as click  # recent Typer runs on its own copy of click
+except ImportError:
+    import click
 
 from rlhf_cli import __version__
 from rlhf_cli.errors import EXIT_WRITE_FAILED, UserError
 from rlhf_cli.report.document import PageFormat
+from rlhf_cli.runs import redact
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -37,6 +44,8 @@ EXIT_PREEMPTED = 75
 # failed checkpoint write (runs.atomic_directory): one line and EX_IOERR.
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 DEBUG_ENV = "RLHF_DEBUG"
+# Set by launcher.nproc for its processes: where each leaves its error line for the launcher to print once.
+ERRORS_ENV = "RLHF_ERRORS_DIR"
 
 STAGE_HELP = {
     "sft": "Supervised fine-tuning: learn the assistant turns (or completions) of a dataset.",
@@ -52,7 +61,29 @@ _HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", 
                       "--config-dir", "-cd", "--experimental-rerun"}
 _INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
+
+class _OneLineUsageErrors(TyperGroup):
+    """Click's own usage errors (an unknown command or option, a missing argument) as one `error:` line
+    like every other bad input, instead of a usage block that ends in `Error:`."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # plain `rlhf`: the help, as before
+            exc.show()
+            code = exc.exit_code
+        except click.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "rlhf"
+            _die(f"{exc.format_message()} (see {command} --help)", exc.exit_code)
+        except typer.Abort:
+            _die("interrupted", EXIT_INTERRUPTED)
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -155,8 +186,12 @@ def _die(message: str, code: int) -> None:
 
 
 def _report(message: str) -> None:
-    first = " ".join(message.split())
-    sys.stderr.write(f"error: {first}\n")
+    line = f"error: {' '.join(redact(message).split())}\n"  # a console is often a log file
+    errors_dir = os.environ.get(ERRORS_ENV)
+    if errors_dir:  # one of launcher.nproc's processes, which often all fail alike: the launcher prints one line
+        Path(errors_dir, f"rank-{os.environ.get('RANK', '0')}").write_text(line, encoding="utf-8")
+        return
+    sys.stderr.write(line)
     sys.stderr.flush()
 
 
@@ -221,6 +256,7 @@ def dispatch(stage: str, args: list[str]) -> None:
     from rlhf_cli.config.user_yaml import yaml_overrides
 
     flags, overrides, conf = split_arguments(args)
+    _check_flags(stage, flags)
     modes = {"-m", "--multirun", "--cfg", "-c", "--info", "-i"}.intersection(flags)
     if len(modes) > 1:
         raise UserError(f"{' and '.join(sorted(modes))}: use one of -m/--multirun, --cfg, --info at a time")
@@ -240,6 +276,23 @@ def dispatch(stage: str, args: list[str]) -> None:
     hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=stage, version_base="1.3")(task)()
 
 
+def _check_flags(stage: str, flags: list[str]) -> None:
+    """A flag that Hydra does not know, or a bad value of one, as an `error:` line (Hydra's parser
+    would print its usage block first)."""
+    import argparse
+
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        _, unknown = parser.parse_known_args(flags)
+    except argparse.ArgumentError as exc:
+        raise UserError(f"rlhf {stage}: {exc}") from None
+    if unknown:
+        raise UserError(f"{unknown[0]}: not an option of rlhf {stage} (see rlhf {stage} --help)")
+
+
 def _inspect_only(flags: list[str]) -> bool:
     """Flags that print something and run nothing."""
     return any(flag in ("--cfg", "-c", "--info", "-i", "--hydra-help", "--help", "-h") for flag in flags)
@@ -248,16 +301,19 @@ def _inspect_only(flags: list[str]) -> bool:
 def _relaunch(stage: str, args: list[str], nproc: int) -> int:
     """launcher.nproc=N: the same command as N processes of one run on this node. Each sees RANK,
     WORLD_SIZE and a shared rendezvous; the first that fails stops the others and gives the exit
-    code (its own `error:` line is already printed). Signals to this process (scancel, a SLURM
-    time-limit warning) are passed on to all of them."""
+    code and the one `error:` line (bad data fails every process alike; a stopped peer's complaint
+    says nothing new). Signals to this process (scancel, a SLURM time-limit warning) are passed on
+    to all of them."""
     import signal
     import subprocess
+    import tempfile
     import time
 
     from rlhf_cli.distributed import free_port
 
+    errors_dir = tempfile.mkdtemp(prefix="rlhf-errors-")
     shared = {"RLHF_RUN_ID": os.environ.get("RLHF_RUN_ID", time.strftime("%Y-%m-%d_%H-%M-%S")), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+              "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), ERRORS_ENV: errors_dir}
     processes = [
         subprocess.Popen([sys.executable, "-m", "rlhf_cli", stage, *args],
                          env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})
@@ -271,15 +327,28 @@ def _relaunch(stage: str, args: list[str], nproc: int) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(signum, forward)
-    while True:
-        codes = [process.poll() for process in processes]
-        failed = [code for code in codes if code not in (None, 0)]
-        if failed:
-            _stop_all(processes)
-            return failed[0]
-        if all(code == 0 for code in codes):
-            return 0
-        time.sleep(0.2)
+    try:
+        while True:
+            codes = [process.poll() for process in processes]
+            failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                _print_error_of(rank, code, nproc, errors_dir)
+                _stop_all(processes)
+                return code
+            if all(code == 0 for code in codes):
+                return 0
+            time.sleep(0.2)
+    finally:
+        shutil.rmtree(errors_dir, ignore_errors=True)
+
+
+def _print_error_of(rank: int, code: int, nproc: int, errors_dir: str) -> None:
+    """The `error:` line the failed process left, or what is known when it left none (killed, or --debug)."""
+    left = Path(errors_dir, f"rank-{rank}")
+    line = left.read_text(encoding="utf-8") if left.is_file() else f"error: process {rank} of {nproc} ended with exit code {code}\n"
+    sys.stderr.write(line)
+    sys.stderr.flush()
 
 
 def _stop_all(processes: list, grace_s: float = 30.0) -> None:
@@ -326,16 +395,22 @@ class _StageCommand(TyperCommand):
 @contextlib.contextmanager
 def _user_errors(debug: bool) -> Iterator[None]:
     """A verb's bad input as one `error:` line; with --debug (which the stages' Hydra task also reads
-    from the environment) the traceback instead."""
+    from the environment, for this command only) the traceback instead."""
+    before = {name: os.environ.get(name) for name in (DEBUG_ENV, "HYDRA_FULL_ERROR")}
     if debug:
-        os.environ[DEBUG_ENV] = "1"
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+        os.environ.update({name: "1" for name in before})
     try:
         yield
     except UserError as exc:
         if debug:
             raise
         _die(str(exc), exc.exit_code)
+    finally:  # a process that runs more commands (tests, notebooks) gets one-line errors again
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _make_stage_command(stage: str, summary: str) -> None:

@@ -117,7 +117,7 @@ def run(cfg: Any, overrides: list[str]) -> dict[str, Any]:
         "metrics": {name: metrics[name] for name in METRICS if name in metrics},
         "skipped": {name: skipped[name] for name in METRICS if name in skipped},
         "config": redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)),
-        "overrides": overrides,
+        "overrides": redact(overrides),
         "versions": library_versions(),
     }
     output = Path(cfg.output_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -39,6 +40,16 @@ def format_value(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3e}" if key == "lr" else f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
     return str(value)
+
+
+def rss_mib() -> Optional[float]:
+    """This process's resident memory now, in MiB (None where there is no /proc): a figure that keeps
+    rising over a long run means something grows with the steps."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return round(resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 class Throughput:
@@ -91,7 +102,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
             return
-        clean = {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        clean = {k: v for k, v in {**metrics, "rss_mib": rss_mib()}.items()
+                 if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
         self._file.flush()
         if self._wandb is not None:
@@ -140,17 +152,22 @@ def _init_wandb(run_path: Path, cfg: Any):
     if run_id is None:
         run_id = uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
-    return wandb.init(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        name=cfg.wandb.name or str(run_path),
-        group=cfg.wandb.group,
-        tags=list(cfg.wandb.tags),
-        id=run_id,
-        resume="allow",
-        dir=str(run_path),
-        config=redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)),
-    )
+    # wandb records the command line; a credential in an override (an http reward's URL) must stay out.
+    argv, sys.argv = sys.argv, redact(sys.argv)
+    try:
+        return wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            name=cfg.wandb.name or str(run_path),
+            group=cfg.wandb.group,
+            tags=list(cfg.wandb.tags),
+            id=run_id,
+            resume="allow",
+            dir=str(run_path),
+            config=redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)),
+        )
+    finally:
+        sys.argv = argv
 
 
 def _init_tensorboard(run_path: Path):

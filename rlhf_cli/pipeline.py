@@ -80,7 +80,10 @@ def plan(args: list[str]) -> Pipeline:
         chained = [f"from_run={output_dir}"] if "from_run" in {f.name for f in fields(STAGE_SCHEMAS[stage])} else []
         overrides = [*preset.get("overrides", {}).get(stage, []), *common, *per_stage.get(stage, []),
                      *chained, f"output_dir={directory}"]
-        load_config(stage, overrides)  # every stage's keys and values are checked before the first runs
+        try:
+            load_config(stage, overrides)  # every stage's keys and values are checked before the first runs
+        except UserError as exc:
+            raise UserError(f"pipeline stage {stage}: {exc}", exit_code=exc.exit_code) from None
         pipeline.stages.append(StagePlan(stage, overrides, directory))
     return pipeline
 

@@ -29,6 +29,26 @@ def rlhf(tmp_path, monkeypatch):
     return invoke
 
 
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """runs/default/{sft,rm} of three steps each (rm keeps its step-2 checkpoint), a from_run for the later stages
+    (trained once per test module)."""
+    from rlhf_cli.cli import app
+
+    root = tmp_path_factory.mktemp("chain")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        for args in (["sft", "train.max_steps=3", "train.batch_size=4", "eval.generate=0", "eval.max_samples=8"],
+                     ["train-rm", "train.max_steps=3", "train.batch_size=4", "eval.max_samples=8", "rm.stats_samples=8",
+                      "train.save_every=2"]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(here)
+    return root / "runs/default"
+
+
 # Tiny, fast settings for a stage run on the built-in model.
 QUICK = ["train.max_steps=3", "train.batch_size=4", "train.log_every=1", "eval.generate=0", "eval.max_samples=8"]
 
@@ -40,3 +60,15 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    """The tiny model with seed-0 weights saved as a model directory, as a hub download would be."""
+    from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
+    load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"

@@ -60,7 +60,7 @@ def test_two_processes_at_zero0_take_the_steps_of_one_process(chain, stage):
     logged = {k for m in single for k in m}
     assert {"loss", "grad_norm"} <= logged or {"loss/policy", "loss/value", "reward/mean", "kl"} <= logged
     for a, b in zip(single, double):
-        figures = [k for k, v in a.items() if isinstance(v, float) and k != "tokens_per_s"]
+        figures = [k for k, v in a.items() if isinstance(v, float) and k not in ("tokens_per_s", "rss_mib")]  # the machine's, not training's
         for key in figures:
             assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
 
@@ -157,3 +157,28 @@ def test_deepspeed_json_comes_from_the_config_and_a_users_json_is_checked(tmp_pa
     mine.write_text("{not json")
     with pytest.raises(UserError, match="not JSON"):
         deepspeed_config(train, DeepSpeedKeys(stage=2, config=str(mine)), torch.float32, world_size=1)
+
+
+def _error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_bad_data_that_fails_every_process_shows_one_error_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": \n')
+    result = _rlhf(tmp_path, "sft", "data.train=d.jsonl", "data.eval=null", "train.max_steps=2", "train.batch_size=2",
+                   "launcher.nproc=2", "deepspeed=zero0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = _error_lines(result)
+    assert line.startswith("error: d.jsonl:2: malformed JSON"), result.stderr
+
+
+@pytest.mark.faults
+def test_an_error_of_process_1_alone_is_shown(tmp_path):
+    (tmp_path / "rank_reward.py").write_text(
+        "import os\n\n\ndef fail_on_rank_1(prompts, completions, examples):\n"
+        "    if os.environ['RANK'] == '1':\n        raise ValueError('rank 1 cannot score')\n"
+        "    return [0.0] * len(completions)\n")
+    result = _rlhf(tmp_path, "grpo", "model.path=tiny", "grpo.rewards=[{name:'rank_reward:fail_on_rank_1'}]",
+                   "train.max_steps=2", "train.batch_size=2", "launcher.nproc=2", "deepspeed=zero0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert _error_lines(result) == ["error: reward 'rank_reward:fail_on_rank_1' failed: ValueError: rank 1 cannot score"], result.stderr

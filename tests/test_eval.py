@@ -2,33 +2,13 @@
 
 import json
 import math
-import os
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from tests.conftest import write_jsonl
 
 EVAL_QUICK = ["eval.generate=8", "eval.max_samples=8", "eval.max_new_tokens=4", "eval.batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """runs/default/{sft,rm} of three steps each, the from_run of these tests (trained once for the module)."""
-    from rlhf_cli.cli import app
-
-    root = tmp_path_factory.mktemp("chain")
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        for args in (["sft", "train.max_steps=3", "train.batch_size=4", "eval.generate=0", "eval.max_samples=8"],
-                     ["train-rm", "train.max_steps=3", "train.batch_size=4", "eval.max_samples=8", "rm.stats_samples=8"]):
-            result = CliRunner().invoke(app, args)
-            assert result.exit_code == 0, result.output
-    finally:
-        os.chdir(here)
-    return root / "runs/default"
 
 
 def manifest(run_dir):

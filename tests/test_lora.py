@@ -19,18 +19,6 @@ IDS = [[5, 6, 7, 8, 9]]
 
 
 @pytest.fixture
-def saved_base(tmp_path):
-    """The tiny model with seed-0 weights saved to a directory: a base model that exists on disk."""
-    from rlhf_cli.config.schema import ModelConfig
-    from rlhf_cli.models import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
-    load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
-
-
-@pytest.fixture
 def reference_loads(monkeypatch):
     """Counts the reference models loaded from disk (load_reference's own load_causal_lm calls)."""
     import rlhf_cli.models as models
@@ -150,27 +138,27 @@ def test_train_rm_with_lora_trains_adapters_and_the_score_head_and_feeds_ppo(rlh
     assert parents["reward"]["stage"] == parents["critic"]["stage"] == "train-rm"
 
 
-def test_adapter_only_sft_final_loads_with_transformers_and_chains_into_dpo(rlhf, tmp_path, saved_base):
+def test_adapter_only_sft_final_loads_with_transformers_and_chains_into_dpo(rlhf, tmp_path, saved_tiny):
     import torch
     from transformers import AutoModelForCausalLM
 
     from rlhf_cli.config.schema import ModelConfig
     from rlhf_cli.models import load_causal_lm, load_tokenizer
 
-    sft = rlhf("sft", f"model.path={saved_base}", "train.max_steps=3", "train.batch_size=4", "eval.generate=0",
+    sft = rlhf("sft", f"model.path={saved_tiny}", "train.max_steps=3", "train.batch_size=4", "eval.generate=0",
                "eval.max_samples=4", "train.lr=0.01", "model.lora.merge=false", *LORA)
     assert sft.exit_code == 0, sft.output
     final = tmp_path / "runs/default/sft/final"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
     assert not (final / "model.safetensors").exists()
     manifest = json.loads((final.parent / "manifest.json").read_text())
-    assert manifest["final_format"] == "adapter" and manifest["base_model"]["path"] == str(saved_base.resolve())
+    assert manifest["final_format"] == "adapter" and manifest["base_model"]["path"] == str(saved_tiny.resolve())
 
     # transformers (with peft) loads the base the adapter names and injects it; the stages load it merged.
     ids = torch.tensor(IDS)
     plain = AutoModelForCausalLM.from_pretrained(final)
     merged = load_causal_lm(ModelConfig(path=str(final)), load_tokenizer(ModelConfig(path=str(final))), seed=0)
-    base = AutoModelForCausalLM.from_pretrained(saved_base)
+    base = AutoModelForCausalLM.from_pretrained(saved_tiny)
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
         assert not torch.allclose(base(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-3)
@@ -187,7 +175,7 @@ def test_adapter_only_sft_final_loads_with_transformers_and_chains_into_dpo(rlhf
         assert logged[-1]["rewards/chosen"] != pytest.approx(0.0, abs=1e-4)  # and the policy moved away from it
 
 
-def test_adapter_only_reward_model_loads_with_transformers_and_feeds_ppo(rlhf, tmp_path, saved_base):
+def test_adapter_only_reward_model_loads_with_transformers_and_feeds_ppo(rlhf, tmp_path, saved_tiny):
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -195,7 +183,7 @@ def test_adapter_only_reward_model_loads_with_transformers_and_feeds_ppo(rlhf, t
     from rlhf_cli.models import load_reward_model, load_tokenizer
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    rm = rlhf("train-rm", f"model.path={saved_base}", f"data.train={pairs}", *PAIR_STEPS, "model.lora.merge=false", *LORA)
+    rm = rlhf("train-rm", f"model.path={saved_tiny}", f"data.train={pairs}", *PAIR_STEPS, "model.lora.merge=false", *LORA)
     assert rm.exit_code == 0, rm.output
     final = tmp_path / "runs/default/rm/final"
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
@@ -208,15 +196,15 @@ def test_adapter_only_reward_model_loads_with_transformers_and_feeds_ppo(rlhf, t
         assert torch.allclose(plain(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
-    ppo = rlhf("ppo", f"model.path={saved_base}", f"data.train={prompts}", *PPO_STEPS)  # reward model and critic: rm/final
+    ppo = rlhf("ppo", f"model.path={saved_tiny}", f"data.train={prompts}", *PPO_STEPS)  # reward model and critic: rm/final
     assert ppo.exit_code == 0, ppo.output
 
 
-def test_an_adapter_that_cannot_be_loaded_honestly_is_refused(rlhf, tmp_path, saved_base):
+def test_an_adapter_that_cannot_be_loaded_honestly_is_refused(rlhf, tmp_path, saved_tiny):
     import shutil
 
     quick = ["train.max_steps=1", "train.batch_size=4", "eval.generate=0", "eval.max_samples=4"]
-    assert rlhf("sft", f"model.path={saved_base}", *quick, "model.lora.merge=false", *LORA, "output_dir=adapter").exit_code == 0
+    assert rlhf("sft", f"model.path={saved_tiny}", *quick, "model.lora.merge=false", *LORA, "output_dir=adapter").exit_code == 0
     adapter = tmp_path / "adapter/final"
 
     # An adapter on top of an adapter would name an adapter as its base, which transformers cannot load.
@@ -232,11 +220,11 @@ def test_an_adapter_that_cannot_be_loaded_honestly_is_refused(rlhf, tmp_path, sa
     assert result.exit_code == 2 and "the adapter no longer fits its base" in result.output
 
     # A base that is gone: refused when the config is checked, or when a reward model is loaded.
-    shutil.rmtree(saved_base)
+    shutil.rmtree(saved_tiny)
     result = rlhf("sft", f"model.path={adapter}", *quick, "output_dir=gone")
     assert result.exit_code == 2
-    assert f"error: model.path: {adapter}: a LoRA adapter of {saved_base}, which is not an existing directory" in result.output
+    assert f"error: model.path: {adapter}: a LoRA adapter of {saved_tiny}, which is not an existing directory" in result.output
     prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     result = rlhf("ppo", "model.path=tiny", f"reward.path={adapter}", f"data.train={prompts}", *PPO_STEPS)
-    assert result.exit_code == 2 and f"a LoRA adapter of {saved_base}, which is not an existing directory" in result.output
+    assert result.exit_code == 2 and f"a LoRA adapter of {saved_tiny}, which is not an existing directory" in result.output
     assert "Traceback" not in result.output

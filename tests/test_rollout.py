@@ -5,6 +5,14 @@ import torch
 from rlhf_cli.rollout import generate, row_seeds, top_p_probabilities
 
 
+def _tiny():
+    from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
+    return tokenizer, load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0)
+
+
 def test_top_p_keeps_the_smallest_set_that_reaches_the_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = top_p_probabilities(logits, 0.7)  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: two tokens
@@ -14,11 +22,7 @@ def test_top_p_keeps_the_smallest_set_that_reaches_the_mass():
 
 
 def test_a_rows_completion_depends_on_its_seed_not_on_its_batch():
-    from rlhf_cli.config.schema import ModelConfig
-    from rlhf_cli.models import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
-    model = load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0)
+    tokenizer, model = _tiny()
     prompts = [tokenizer.encode(text) for text in ("12+7=", "3*4=", "100-1=", "8+8=")]
     seeds = row_seeds(5, step=3, first_row=0, count=4)
     common = dict(max_new_tokens=12, pad_id=tokenizer.pad_token_id, stop_ids={tokenizer.eos_token_id}, temperature=1.0, top_p=0.95)
@@ -30,13 +34,6 @@ def test_a_rows_completion_depends_on_its_seed_not_on_its_batch():
     assert generate(model, prompts, batch_size=4, seeds=row_seeds(6, step=3, first_row=0, count=4), **common) != together
     assert row_seeds(5, step=3, first_row=2, count=2) == seeds[2:]
 
-
-def _tiny():
-    from rlhf_cli.config.schema import ModelConfig
-    from rlhf_cli.models import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
-    return tokenizer, load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0)
 
 
 def test_greedy_decoding_equals_transformers_generate():

@@ -12,13 +12,13 @@ import os
 from dataclasses import fields, is_dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from rlhf_cli.config.schema import CONFIG_SCHEMAS, show_value
@@ -83,6 +83,10 @@ def load_config(stage: str, overrides: list[str], origins: dict[str, str] | None
         resolved = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _translate(exc, CONFIG_SCHEMAS[stage], origins) from None
+    added = _keys_outside_schema(cfg)
+    if added:
+        parent = added[0].rpartition(".")[0]
+        raise _unknown_key(_origin(added[0], "", origins), added[0], _child_keys(CONFIG_SCHEMAS[stage], parent))
     if stage == "eval":
         validate_eval(resolved)
     else:
@@ -114,13 +118,11 @@ def _translate(exc: Exception, schema: type, origins: dict[str, str]) -> UserErr
     full_key = getattr(cause, "full_key", None) or ""
     where = _origin(full_key, str(exc), origins)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and " not in " in str(cause):
-        parent, _, leaf = full_key.rpartition(".")
+        parent = full_key.rpartition(".")[0]
         # Hydra's settings are dataclasses of Hydra and its plugins, not of our schema.
         hydra_node = getattr(cause, "object_type", None) if full_key.startswith("hydra.") else None
         valid = [f.name for f in fields(hydra_node)] if is_dataclass(hydra_node) else _child_keys(schema, parent)
-        hint = difflib.get_close_matches(leaf, valid, n=1)
-        suggestion = f"; did you mean '{_join(parent, hint[0])}'?" if hint else ""
-        return UserError(f"{where}unknown key '{full_key}'{suggestion} (valid keys{_in(parent)}: {', '.join(valid)})")
+        return _unknown_key(where, full_key, valid)
     if isinstance(cause, ValidationError):
         enum_choices = _enum_choices(schema, full_key)
         if enum_choices:
@@ -141,6 +143,27 @@ def _translate(exc: Exception, schema: type, origins: dict[str, str]) -> UserErr
         return UserError(f"bad override: {_first_line(str(exc))}")
     message = " ".join(str(exc).split()) if isinstance(exc, HydraException) else _first_line(str(exc))
     return UserError(f"{where}{message}")
+
+
+def _unknown_key(where: str, full_key: str, valid: list[str]) -> UserError:
+    parent, _, leaf = full_key.rpartition(".")
+    hint = difflib.get_close_matches(leaf, valid, n=1)
+    suggestion = f"; did you mean '{_join(parent, hint[0])}'?" if hint else ""
+    return UserError(f"{where}unknown key '{full_key}'{suggestion} (valid keys{_in(parent)}: {', '.join(valid)})")
+
+
+def _keys_outside_schema(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added where the schema has none. Hydra lets `+` add to a typed config,
+    and the stage would never read them: a misspelt `+train.lrr=1` would pass in silence."""
+    known = {f.name for f in fields(OmegaConf.get_type(node))}
+    added = []
+    for key in node:
+        child = node._get_node(key)
+        if key not in known:
+            added.append(f"{prefix}{key}")
+        elif isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
+            added += _keys_outside_schema(child, f"{prefix}{key}.")
+    return added
 
 
 def _origin(full_key: str, message: str, origins: dict[str, str]) -> str:
@@ -331,9 +354,9 @@ def check_sources(cfg: Any) -> None:
         from rlhf_cli.runs.chain import chained_final
 
         chained_final(cfg.from_run, "sft", "model.path")
-    reference = getattr(getattr(cfg, "ref", None), "path", None)
-    for key, path in (("model.path", cfg.model.path), ("ref.path", reference)):
+    for key, path, kind in _model_paths(cfg):
         _check_model_path(key, path, cfg.model)
+        _check_model_kind(key, path, kind, cfg.model)
     sources = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
     if getattr(cfg.eval, "accuracy_data", None):
         sources.append(("eval.accuracy_data", cfg.eval.accuracy_data))
@@ -370,6 +393,33 @@ def _check_model_path(key: str, path: str | None, model_keys: Any) -> None:
         adapter_base_config(replace(model_keys, path=path))
     except UserError as exc:
         raise UserError(f"{key}: {exc}") from None
+
+
+def _model_paths(cfg: Any) -> list[tuple[str, Optional[str], Optional[str]]]:
+    """(key, path, the kind of model it must hold, None for either) of every model a stage loads by path."""
+    from rlhf_cli.models import CAUSAL_LM, REWARD_MODEL
+
+    # A reward model may start from a policy or from another reward model.
+    paths = [("model.path", cfg.model.path, None if cfg.stage == "train-rm" else CAUSAL_LM),
+             ("ref.path", getattr(getattr(cfg, "ref", None), "path", None), CAUSAL_LM)]
+    if hasattr(cfg, "reward"):
+        paths.append(("reward.path", cfg.reward.path, REWARD_MODEL))
+    for i, spec in enumerate(getattr(getattr(cfg, "grpo", None), "rewards", [])):
+        if spec.name == "model":
+            paths.append((f"grpo.rewards[{i}].path", spec.path, REWARD_MODEL))
+    return paths
+
+
+def _check_model_kind(key: str, path: Optional[str], kind: Optional[str], model_keys: Any) -> None:
+    """A local model directory of the wrong kind. It would load without complaint: a reward model read as a
+    policy gets a fresh language-model head, a policy read as a reward model a fresh score head."""
+    from rlhf_cli.models import model_kind
+
+    if kind is None or path is None or not os.path.isdir(path):
+        return  # tiny, or a hub id (checked as it loads)
+    found = model_kind(replace(model_keys, path=path), key)
+    if found != kind:
+        raise UserError(f"{key}: {path} is a {found.replace('_', ' ')}, not a {kind.replace('_', ' ')}")
 
 
 def _check_data_source(key: str, spec: str | None) -> None:

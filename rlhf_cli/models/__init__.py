@@ -10,8 +10,11 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from safetensors import SafetensorError
 
 from rlhf_cli.data.sources import looks_local
 from rlhf_cli.errors import UserError
@@ -22,6 +25,9 @@ log = logging.getLogger("rlhf")
 TINY = "tiny"
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 ADAPTER_CONFIG = "adapter_config.json"  # what peft writes beside an adapter's weights
+PAD_TOKEN = "<|pad|>"  # added to a tokenizer that has no pad token distinct from EOS
+# What each transformers factory reads from a model directory, for errors.
+_PARTS = {"AutoTokenizer": "the tokenizer files", "AutoConfig": "config.json"}
 
 # The fallback template for tokenizers that ship none (base models): one turn per block, each closed
 # by the tokenizer's EOS so that the trained end-of-turn is the token generation stops at.
@@ -65,7 +71,7 @@ def load_tokenizer(model_cfg: Any):
         raise UserError(f"model.path={model_cfg.path}: the tokenizer defines no EOS token")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # A pad equal to EOS would make the loss mask hide the real EOS; the model would never stop.
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     return tokenizer
@@ -86,12 +92,24 @@ def load_causal_lm(model_cfg: Any, tokenizer, seed: int):
         model = AutoModelForCausalLM.from_config(config)
     else:
         model = _from_pretrained(AutoModelForCausalLM, model_cfg.path, model_cfg, **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    _fit_embeddings(model, tokenizer, model_cfg.path)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     return model
+
+
+def _fit_embeddings(model, tokenizer, path: str) -> None:
+    """Give the pad token this package added an embedding row. Any other token id beyond a loaded model's
+    embeddings means a tokenizer of another model: training would give those tokens fresh random rows
+    (`tiny` is all fresh rows, so it grows to any tokenizer)."""
+    rows = model.get_input_embeddings().num_embeddings
+    foreign = [token for token in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if token != PAD_TOKEN]
+    if foreign and path != TINY:
+        raise UserError(f"model.path={path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows} "
+                        f"(first unknown: {foreign[0]!r}); the tokenizer belongs to another model")
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer))
 
 
 def apply_lora(model, model_cfg: Any, task_type: str = "CAUSAL_LM"):
@@ -258,8 +276,7 @@ def load_reward_model(model_cfg: Any, tokenizer, seed: int):
         fresh_head = not any("SequenceClassification" in a for a in (source_config.architectures or []))
         torch.manual_seed(seed)
         model = _from_pretrained(AutoModelForSequenceClassification, model_cfg.path, model_cfg, **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    _fit_embeddings(model, tokenizer, model_cfg.path)
     # Without it the score is read at the wrong position (TRL issue 937).
     model.config.pad_token_id = tokenizer.pad_token_id
     head = getattr(model, "score", None)
@@ -308,6 +325,9 @@ def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
         raise UserError(f"model.path={source}: not a directory (a model directory holds config.json)")
     if local.is_dir() and not (local / "config.json").is_file() and not (local / ADAPTER_CONFIG).is_file():
         raise UserError(f"model.path={source}: no config.json (nor {ADAPTER_CONFIG}) here, so not a model directory")
+    if (local / "config.json").is_file():
+        _check_json_object(local / "config.json")
+    part = _PARTS.get(factory.__name__, "the weights")
     try:
         return factory.from_pretrained(
             source,
@@ -319,10 +339,31 @@ def _from_pretrained(factory: Any, source: str, model_cfg: Any, **kwargs: Any):
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"model.path={source}: cannot load{offline}: {reason}") from None
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) met a pickle that would run code or build objects; never load such a file.
+        raise UserError(f"model.path={source}: {part} hold pickled objects beyond tensors, which could run code on "
+                        "loading; refused (save the model as safetensors)") from None
+    except SafetensorError as exc:
+        raise UserError(f"model.path={source}: {part} are not a readable safetensors file: {exc}") from None
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise UserError(f"model.path={source}: {part} do not have the shapes its config.json describes "
+                        "(weights and config.json of different models?)") from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise UserError(f"model.path={source}: needs model.trust_remote_code=true to load its own code") from None
-        raise UserError(f"model.path={source}: {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"model.path={source}: {part}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _check_json_object(path: Path) -> None:
+    """transformers reports a config.json that is not a JSON object as a hub problem or a TypeError."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a JSON object, found {type(value).__name__}")
 
 
 def _enable_activation_checkpointing(model) -> None:

@@ -39,6 +39,9 @@ EVAL_JSON = "eval.json"  # what `rlhf eval` writes in its output_dir
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\..+\.(tmp|old)-\d+$")  # what write_text_atomic, atomic_directory, publish_directory write first
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
+# Secrets inside a value: a URL's user:password@, and query parameters such as ?api_key=... or &token=...
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", re.IGNORECASE)
+_SECRET_QUERY = re.compile(r"([?&][^=&#\s]*(?:api_?key|token|secret|password|passwd)=)[^&#\s'\",}\]]+", re.IGNORECASE)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -129,11 +132,14 @@ def check_writable(path: Path, bytes_needed: int = 0) -> None:
 
 
 def redact(value: Any) -> Any:
-    """A copy of a config mapping with the values of secret-looking keys replaced."""
+    """A copy of a config mapping (or list, or text) with secrets replaced: the values of secret-looking
+    keys, and credentials inside URLs (an http reward's endpoint may carry them)."""
     if isinstance(value, dict):
         return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _SECRET_QUERY.sub(r"\1<redacted>", _URL_USERINFO.sub(r"\1<redacted>@", value))
     return value
 
 
@@ -218,7 +224,7 @@ class RunDir:
             "updated_at": _now(),
             "finished_at": None,
             "config": redact(config),
-            "overrides": overrides,
+            "overrides": redact(overrides),
             "parents": parents,
             "parameters": parameters,  # total and trainable (LoRA trains a few)
             "resumed_from": resumed_from,
@@ -263,7 +269,7 @@ class RunDir:
 
     def fail(self, reason: str) -> None:
         if getattr(self, "_manifest", None) is not None:
-            self.update(status="failed", finished_at=_now(), error=reason)
+            self.update(status="failed", finished_at=_now(), error=redact(reason))
 
 
 def _now() -> str:

@@ -17,14 +17,16 @@ def chained_final(from_run: str, parent_stage: str, key: str) -> str:
     """The `final/` of the completed `parent_stage` run inside `from_run`, or an error saying what to run."""
     run = RunDir(Path(from_run) / STAGE_DIRS[parent_stage])
     manifest = run.read_manifest()
-    if manifest is None or manifest.get("status") != "completed" or not run.final_path.is_dir():
+    if manifest is not None and manifest.get("stage") != parent_stage:
+        raise UserError(f"{run.path}: holds a {manifest.get('stage')} run, not {parent_stage} (from_run={from_run})")
+    if manifest is None or manifest.get("status") != "completed":
         state = "holds no run" if manifest is None else f"holds a {manifest.get('status')} run"
         raise UserError(
             f"{key} is null and {run.path} {state}: run `rlhf {parent_stage}` first "
             f"(or set {key}, or from_run to a run directory with a completed {parent_stage})"
         )
-    if manifest.get("stage") != parent_stage:
-        raise UserError(f"{run.path}: holds a {manifest.get('stage')} run, not {parent_stage}")
+    if not run.final_path.is_dir():
+        raise UserError(f"{run.final_path}: missing, though the manifest beside it says completed; run `rlhf {parent_stage}` again")
     from rlhf_cli.runs.checkpoint import unsealed_reason
 
     # Sizes only (a truncated file): this runs before every stage that chains from it, and hashing a
