@@ -11,6 +11,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from typer.testing import CliRunner
@@ -72,3 +73,29 @@ def saved_tiny(tmp_path):
     load_causal_lm(ModelConfig(path="tiny"), tokenizer, seed=0).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     return tmp_path / "base"
+
+
+class Finished(NamedTuple):
+    returncode: int
+    stderr: str
+
+
+def signal_after_first_step(command: list[str], cwd, sig) -> Finished:
+    """Run `command` and send it `sig` once its first metrics line appears."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    seen = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if line.startswith("step 1/"):
+                process.send_signal(sig)
+                break
+        _, rest = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return Finished(process.wait(), "".join(seen) + rest)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from rlhf_cli.runs import RunDir
 from rlhf_cli.runs.checkpoint import SEAL, unsealed_reason
-from tests.conftest import QUICK
+from tests.conftest import QUICK, signal_after_first_step
 
 # Where a kill lands: (module:attribute wrapped in the child, kill before or after the real call).
 KILL_POINTS = {
@@ -369,23 +369,6 @@ def test_a_real_full_disk_then_more_space_resumes_to_the_uninterrupted_weights(c
 
 
 # SLURM's time-limit warning and preemption in every stage (tests/test_preemption.py: sft in depth).
-def _signal_after_first_step(command: list[str], cwd, sig: signal.Signals) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    seen = []
-    try:
-        for line in process.stderr:
-            seen.append(line)
-            if line.startswith("step 1/"):
-                process.send_signal(sig)
-                break
-        _, rest = process.communicate(timeout=600)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(command, process.wait(), "", "".join(seen) + rest)
-
-
 @pytest.mark.parametrize("stage, sig", [
     pytest.param("ppo", signal.SIGTERM, id="ppo-SIGTERM"),
     pytest.param("train-rm", signal.SIGUSR1, marks=pytest.mark.faults, id="train-rm-SIGUSR1"),
@@ -400,7 +383,7 @@ def test_a_stop_signal_in_any_stage_checkpoints_exits_75_and_the_rerun_ends_with
     cwd = chain / f"signal-{stage}"
     cwd.mkdir()
     (cwd / "runs").symlink_to(chain / "runs")
-    stopped = _signal_after_first_step(_command(stage, "run"), cwd, sig)
+    stopped = signal_after_first_step(_command(stage, "run"), cwd, sig)
     assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
     assert f"error: stopped by {sig.name} after step " in stopped.stderr
     first = _pipeline_or_stage(cwd / "run", stage)[0]  # a pipeline's sft

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from rlhf_cli import preemption
 from rlhf_cli.cli import EXIT_PREEMPTED
 from rlhf_cli.runs import RunDir
+from tests.conftest import signal_after_first_step
 
 # save_every=0: the checkpoint a signal leaves behind is the stop's own, not a periodic one.
 ARGS = ["train.max_steps=30", "train.batch_size=4", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
@@ -42,24 +43,6 @@ def _command(output_dir: str) -> list[str]:
     return [sys.executable, "-m", "rlhf_cli", "sft", *ARGS, f"output_dir={output_dir}"]
 
 
-def _signal_after_first_step(command: list[str], cwd, sig: signal.Signals) -> tuple[int, str]:
-    """Run `command`, send `sig` once the first metrics line appears; (exit code, stderr)."""
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    seen = []
-    try:
-        for line in process.stderr:
-            seen.append(line)
-            if line.startswith("step 1/"):
-                process.send_signal(sig)
-                break
-        _, rest = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    return process.wait(), "".join(seen) + rest
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The final weights of the run without interruption."""
@@ -71,7 +54,7 @@ def straight(tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_a_signal_checkpoints_exits_75_and_the_rerun_ends_with_the_same_weights(tmp_path, straight, sig):
-    code, stderr = _signal_after_first_step(_command("run"), tmp_path, sig)
+    code, stderr = signal_after_first_step(_command("run"), tmp_path, sig)
     assert code == EXIT_PREEMPTED, stderr
     assert f"error: stopped by {sig.name} after step" in stderr
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
@@ -92,7 +75,7 @@ def test_a_signal_checkpoints_exits_75_and_the_rerun_ends_with_the_same_weights(
 
 def test_the_replaced_sigusr2_handler_runs_after_the_checkpoint(tmp_path):
     command = [sys.executable, "-c", SUBMITIT_LIKE, "sft", *ARGS, f"output_dir={tmp_path / 'run'}"]
-    code, stderr = _signal_after_first_step(command, tmp_path, signal.SIGUSR2)
+    code, stderr = signal_after_first_step(command, tmp_path, signal.SIGUSR2)
     assert code == 255, stderr  # the handler's sys.exit(-1), as submitit's after `scontrol requeue`
     found = json.loads((tmp_path / "handed-over.json").read_text())
     assert found["signal"] == signal.SIGUSR2
