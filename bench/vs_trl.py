@@ -194,8 +194,8 @@ def trl_rows(stage: str) -> list[dict]:
     if stage == "grpo":
         return [{"prompt": r["prompt"], "answer": r["completion"]} for r in rows]
     order = StepBatches(list(range(len(rows))), BATCH[stage], 1, SEED)
-    count = min(len(rows), 4096)
-    return [rows[order._index(p)] for p in range(count)]
+    steps = min(len(rows), 4096) // BATCH[stage]  # more than any run here takes
+    return [rows[i] for step in range(steps) for i in order.micro_batches(step)[0]]
 
 
 def run_trl(stage: str, models: Path, steps: int, out: Path, probe: Probe) -> None:
