@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 # DeepSpeed's one compiled CPU op, kept with this environment (two venvs sharing one cache rebuild it).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install demo test test-faults test-slow test-slurm bench clean
+.PHONY: install demo test test-faults test-distributed test-slow test-slurm bench clean
 
 $(BIN)/rlhf: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +24,16 @@ demo: install
 	$(BIN)/rlhf pipeline
 
 test: install
-	$(BIN)/pytest -q -m "not slow and not slurm and not faults"
+	$(BIN)/pytest -q -m "not slow and not slurm and not faults and not distributed"
 
 # Every fault case: the default suite's one kill per stage, seeded random kills of every stage and the
 # pipeline, a real full disk (a tmpfs: needs root, skipped otherwise), NaN steps under DeepSpeed.
 test-faults: install
 	$(BIN)/pytest -q tests/test_faults.py tests/test_nonfinite.py tests/test_resume.py tests/test_preemption.py
+
+# Every stage at ZeRO-0, 2 and 3 with two processes (the default suite runs ZeRO-2 for sft only).
+test-distributed: install
+	$(BIN)/pytest -q tests/test_distributed.py
 
 test-slow: install
 	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m slow
