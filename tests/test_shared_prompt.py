@@ -1,4 +1,6 @@
-"""Responses that share a prompt: the shared forward equals concatenated prompt + response rows."""
+"""Responses that share a prompt: one padding-free row with each prompt once equals concatenated
+prompt + response rows, with and without activation checkpointing; models without segment
+attention take the rows."""
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from rlhf_cli.algos.losses import sequence_logprobs, token_logprobs
 from rlhf_cli.models import TINY_DIR
+from rlhf_cli.models.padding_free import use_segment_attention
 from rlhf_cli.models.shared_prompt import collate_responses, response_logits, response_scores
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
@@ -13,10 +16,12 @@ RESPONSES = [[20, 21, 2], [22, 2], [23, 24, 25, 26, 2], [27, 2], [28, 29, 2], [3
 OWNERS = [0, 1, 2, 0, 1, 2, 1]
 
 
-def _model(factory, **extra):
+def _model(factory, segments: bool = True, **extra):
     torch.manual_seed(0)
-    model = factory.from_config(AutoConfig.from_pretrained(TINY_DIR, **extra))
+    model = factory.from_config(AutoConfig.from_pretrained(TINY_DIR, **extra), attn_implementation="sdpa")
     model.config.pad_token_id = 0
+    if segments:
+        assert use_segment_attention(model) is None
     return model.train()
 
 
@@ -36,14 +41,18 @@ def _reference_rows(model):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False), batch
 
 
-def test_shared_prompt_logprobs_and_gradients_equal_concatenated_rows():
-    model = _model(AutoModelForCausalLM)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}], ids=["mha", "gqa"])
+def test_shared_prompt_logprobs_and_gradients_equal_concatenated_rows(checkpointing, extra):
+    model = _model(AutoModelForCausalLM, **extra)
+    _checkpointed(model, checkpointing)
     batch = collate_responses(PROMPTS, RESPONSES, OWNERS, pad_id=0)
     shared, counts = sequence_logprobs(response_logits(model, batch), batch.input_ids, batch.loss_mask)
     shared.sum().backward()
     shared_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
+    _checkpointed(model, False)
     out, rows = _reference_rows(model)
     plain, plain_counts = sequence_logprobs(out.logits, rows["input_ids"], rows["loss_mask"])
     plain.sum().backward()
@@ -52,35 +61,31 @@ def test_shared_prompt_logprobs_and_gradients_equal_concatenated_rows():
     assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(shared_grads, model.parameters()))
 
 
-def test_checkpointed_model_falls_back_to_rows_with_the_same_layout():
-    model = _model(AutoModelForCausalLM)
+def test_a_model_without_segment_attention_takes_rows_with_the_same_layout():
+    shared_model, rows_model = _model(AutoModelForCausalLM), _model(AutoModelForCausalLM, segments=False)
     batch = collate_responses(PROMPTS, RESPONSES, OWNERS, pad_id=0)
     with torch.no_grad():
-        shared = token_logprobs(response_logits(model, batch), batch.input_ids)
-    _checkpointed(model, True)
-    fallback = token_logprobs(response_logits(model, batch), batch.input_ids)
+        shared = token_logprobs(response_logits(shared_model, batch), batch.input_ids)
+        rows = token_logprobs(response_logits(rows_model, batch), batch.input_ids)
     mask = batch.loss_mask[:, 1:]
-    assert fallback.shape == shared.shape
-    assert torch.allclose(fallback[mask], shared[mask], atol=1e-5)
+    assert rows.shape == shared.shape
+    assert torch.allclose(rows[mask], shared[mask], atol=1e-5)
 
 
-def test_each_prompt_runs_once_when_shared():
+def test_each_prompt_runs_once_in_one_row_without_padding():
     model = _model(AutoModelForCausalLM)
     batch = collate_responses(PROMPTS, RESPONSES, OWNERS, pad_id=0)
     seen = []
-    model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].numel()))
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
     response_logits(model, batch)
-    _checkpointed(model, True)
-    response_logits(model, batch)
-    prompts, responses, rows = seen
-    assert prompts + responses == 3 * max(map(len, PROMPTS)) + len(RESPONSES) * max(map(len, RESPONSES))
-    assert rows == len(RESPONSES) * max(len(PROMPTS[o]) + len(r) for r, o in zip(RESPONSES, OWNERS))
+    assert seen == [(1, sum(map(len, PROMPTS)) + sum(map(len, RESPONSES)))]
     assert batch.num_tokens == sum(len(PROMPTS[o]) + len(r) for r, o in zip(RESPONSES, OWNERS))
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["shared", "rows"])
-def test_reward_scores_equal_concatenated_rows(checkpointing):
-    model = _model(AutoModelForSequenceClassification, num_labels=1)
+@pytest.mark.parametrize("segments", [True, False], ids=["one-row", "rows"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_reward_scores_equal_concatenated_rows(segments, checkpointing):
+    model = _model(AutoModelForSequenceClassification, segments, num_labels=1)
     _checkpointed(model, checkpointing)
     batch = collate_responses(PROMPTS, RESPONSES, OWNERS, pad_id=0)
     with torch.enable_grad():

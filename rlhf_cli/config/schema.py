@@ -108,6 +108,7 @@ class ModelConfig:
     )
     dtype: DType = _key(DType.auto, "compute dtype: fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)")
     attn_implementation: str = _key("sdpa", "attention kernel passed to transformers: sdpa, eager, flash_attention_2")
+    padding_free: bool = _key(True, "batches without padding: samples in one row, a prompt once for its responses (sdpa)")
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass to save memory")
     trust_remote_code: bool = _key(False, "run modelling code shipped with a hub model (off unless you trust it)")
     revision: Optional[str] = _key(None, "hub revision (branch, tag or commit) of model.path")

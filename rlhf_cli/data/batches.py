@@ -53,12 +53,18 @@ class StepBatches:
         return self._order[offset]
 
 
-def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(samples: list[TokenizedSample], pad_id: int, padding_free: bool = False) -> dict:
     """Right-padded (B, T) tensors: input_ids, loss_mask, and attention_mask or, for packed rows, position_ids.
 
     Packed rows pass no attention mask: transformers then derives per-sample attention from the
     position ids, which restart at each sample boundary.
+
+    padding_free: every sample (or packed row) in one (1, N) row of N real tokens, with position ids
+    restarting at each sample and the `segments` that keep attention inside each sample (the model
+    must use `rlhf_cli.models.padding_free.segment_attention`).
     """
+    if padding_free:
+        return _concatenated(samples)
     width = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(samples), width), dtype=torch.bool)
@@ -80,3 +86,16 @@ def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tens
     else:
         batch["attention_mask"] = attention_mask
     return batch
+
+
+def _concatenated(samples: list[TokenizedSample]) -> dict:
+    from rlhf_cli.models.padding_free import segments_from_positions
+
+    input_ids = torch.tensor([t for s in samples for t in s.input_ids])[None]
+    # A sample's first token is never a label: in the row it would be predicted from the sample before.
+    loss_mask = torch.tensor([m and i > 0 for s in samples for i, m in enumerate(s.loss_mask)])[None]
+    position_ids = torch.cat([torch.tensor(s.position_ids) if s.position_ids is not None else torch.arange(len(s.input_ids))
+                              for s in samples])[None]
+    # All ones: SDPA's mask is then skipped, and segment_attention keeps each sample to itself.
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "position_ids": position_ids,
+            "attention_mask": torch.ones_like(input_ids), "segments": segments_from_positions(position_ids)}

@@ -94,6 +94,7 @@ def load_causal_lm(model_cfg: Any, tokenizer, seed: int):
         model = _from_pretrained(AutoModelForCausalLM, model_cfg.path, model_cfg, **kwargs)
     _fit_embeddings(model, tokenizer, model_cfg.path)
     model.config.pad_token_id = tokenizer.pad_token_id
+    _padding_free(model, model_cfg)
     if model_cfg.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     return model
@@ -147,6 +148,10 @@ class AdapterDisabled:
 
     def __init__(self, policy):
         self.policy = policy
+
+    @property
+    def config(self):
+        return self.policy.config
 
     def __call__(self, **inputs):
         import torch
@@ -284,9 +289,20 @@ def load_reward_model(model_cfg: Any, tokenizer, seed: int):
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
         if head.bias is not None:
             torch.nn.init.zeros_(head.bias)
+    _padding_free(model, model_cfg)
     if model_cfg.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     return model
+
+
+def _padding_free(model, model_cfg: Any) -> None:
+    """Segment attention (rlhf_cli/models/padding_free.py) when the config asks for it and the model can take it."""
+    from rlhf_cli.models.padding_free import use_segment_attention
+
+    if getattr(model_cfg, "padding_free", False):
+        unsupported = use_segment_attention(model)
+        if unsupported:
+            log.info(f"model.padding_free: padded batches, {unsupported}")
 
 
 CAUSAL_LM = "causal_lm"  # a policy: generates
@@ -378,8 +394,26 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     No KV cache: with one, transformers skips the per-sample attention it derives from the position
     ids of packed rows, and attention would leak across samples.
     """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "segments") if k in batch}
     return inputs | {"use_cache": False}
+
+
+def backbone(model):
+    """The transformer body of a task model (hidden states, no head), also inside a peft wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix)
+
+
+def score_head(model, who: str = "model"):
+    """The scalar head of a sequence-classification model (`score`, or `classifier`), also inside a peft wrapper."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("score", "classifier"):
+        head = getattr(inner, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise UserError(f"{who}: {type(inner).__name__} has no `score` head to read per-token values from")
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:

@@ -2,14 +2,15 @@
 
 DPO scores a chosen and a rejected response to each prompt, a reward model ranks two or more, and
 GRPO trains on a group of completions of each prompt. Rows of prompt + response run every prompt
-through the model once per response. Here each distinct prompt runs once, and its keys and values
-(a KV cache that stays in the autograd graph) are shared by its responses, which run as a second
-forward attending to them. Each response token attends to exactly the tokens it would in the
-concatenated row, at the same positions, so log-probabilities and scores equal the concatenated
-forward's up to float rounding, and gradients reach the prompt's tokens as before.
+through the model once per response, padded to the longest row. Here the forward is one row with no
+padding: every distinct prompt once, then every response (`_one_row`). Segment attention
+(rlhf_cli/models/padding_free.py) lets each response token attend to exactly the tokens it would
+in its concatenated row, at the same positions, so log-probabilities and scores equal the rows'
+up to float rounding, and gradients reach the prompt's tokens as before. No KV cache is involved,
+so activation checkpointing works unchanged.
 
-Gradient checkpointing drops the cache inside each layer, so a forward with gradients through a
-checkpointed model falls back to concatenated rows.
+Models that cannot take segment attention (model.padding_free=false, attention other than sdpa,
+sliding windows) run the concatenated rows, returned in the same layout.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample
+from rlhf_cli.models import backbone, score_head
+from rlhf_cli.models.padding_free import has_segment_attention, prefixed_segments
 
 
 @dataclass
@@ -79,11 +82,10 @@ def right_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 def response_logits(model, batch: PromptResponses) -> torch.Tensor:
     """Logits (R, 1 + Tr, V) in `batch`'s layout: position t scores batch.input_ids[:, t + 1], so that
     `token_logprobs(logits, batch.input_ids)` gives every response token's log-probability."""
-    if _can_share(model):
-        prompt_out, out = _shared_forward(model, batch)
-        prompt_lengths = batch.prompt_mask.sum(-1)
-        last_prompt_logits = prompt_out.logits[torch.arange(len(prompt_lengths), device=prompt_lengths.device), prompt_lengths - 1]
-        return torch.cat([last_prompt_logits[batch.owners, None], out.logits], dim=1)
+    if has_segment_attention(model):
+        row = _one_row(batch)
+        logits = model(**row.inputs, use_cache=False).logits[0]
+        return logits[row.layout]
     input_ids, attention_mask = _concatenated(batch)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     # Row r's response starts after its prompt: the logits that score it start one position earlier.
@@ -94,28 +96,41 @@ def response_logits(model, batch: PromptResponses) -> torch.Tensor:
 
 def response_scores(model, batch: PromptResponses) -> torch.Tensor:
     """(R,) scalar output of a sequence-classification model, read at each response's last token."""
-    if _can_share(model):
-        return _shared_forward(model, batch)[1].logits[:, 0]
+    if has_segment_attention(model):
+        row = _one_row(batch)
+        hidden = backbone(model)(**row.inputs, use_cache=False).last_hidden_state[0]
+        last = row.layout.gather(1, batch.response_mask.sum(-1, keepdim=True))[:, 0]
+        return score_head(model)(hidden[last])[:, 0]
     input_ids, attention_mask = _concatenated(batch)
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0]
 
 
-def _shared_forward(model, batch: PromptResponses):
-    """Each prompt once, keeping its keys and values; then every response attending to its prompt's."""
-    prompt_out = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, use_cache=True)
-    cache_name, cache = kv_cache(prompt_out)
-    cache.batch_select_indices(batch.owners)
-    response_ids = batch.input_ids[:, 1:]
-    response_mask = batch.response_mask[:, 1:].long()
-    positions = batch.prompt_mask.sum(-1)[batch.owners, None] + torch.arange(response_ids.size(1), device=response_ids.device)
-    out = model(
-        input_ids=response_ids,
-        attention_mask=torch.cat([batch.prompt_mask[batch.owners], response_mask], dim=1),
-        position_ids=positions,
-        use_cache=True,
-        **{cache_name: cache},
-    )
-    return prompt_out, out
+@dataclass
+class _Row:
+    inputs: dict  # the model's keyword arguments for the one (1, N) row
+    layout: torch.Tensor  # (R, 1 + Tr) the row position of each of batch.input_ids' tokens (0 at padding)
+
+
+def _one_row(batch: PromptResponses) -> _Row:
+    """Every distinct prompt once, then every response, in one row without padding; each response
+    attends to its prompt and to itself at the positions it would have after its prompt."""
+    device = batch.input_ids.device
+    prompt_valid = batch.prompt_mask.bool()
+    response_valid = batch.response_mask[:, 1:]
+    prompt_lengths, response_lengths = prompt_valid.sum(-1), response_valid.sum(-1)
+    prompt_starts = prompt_lengths.cumsum(0) - prompt_lengths
+    response_starts = prompt_lengths.sum() + response_lengths.cumsum(0) - response_lengths
+    input_ids = torch.cat([batch.prompt_ids[prompt_valid], batch.input_ids[:, 1:][response_valid]])[None]
+    prompt_positions = torch.arange(batch.prompt_ids.size(1), device=device).expand_as(batch.prompt_ids)
+    response_positions = prompt_lengths[batch.owners, None] + torch.arange(response_valid.size(1), device=device)
+    position_ids = torch.cat([prompt_positions[prompt_valid], response_positions[response_valid]])[None]
+    segments = prefixed_segments(prompt_starts, prompt_lengths, response_starts, response_lengths, batch.owners)
+    last_prompt_token = (prompt_starts + prompt_lengths - 1)[batch.owners, None]
+    response_tokens = response_starts[:, None] + torch.arange(response_valid.size(1), device=device)
+    layout = torch.cat([last_prompt_token, torch.where(response_valid, response_tokens, 0)], dim=1)
+    # All ones: SDPA's mask is then skipped, and segment_attention keeps each sample to itself.
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": torch.ones_like(input_ids), "segments": segments}
+    return _Row(inputs, layout)
 
 
 def kv_cache(output) -> tuple[str, Any]:
@@ -132,8 +147,3 @@ def _concatenated(batch: PromptResponses) -> tuple[torch.Tensor, torch.Tensor]:
             for owner, ids, mask in zip(batch.owners.tolist(), batch.input_ids, batch.response_mask)]
     collated = collate(rows, batch.pad_id)
     return collated["input_ids"].to(batch.input_ids.device), collated["attention_mask"].to(batch.input_ids.device)
-
-
-def _can_share(model) -> bool:
-    """False for a forward with gradients through a model with activation checkpointing on."""
-    return not (torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))

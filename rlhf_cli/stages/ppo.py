@@ -52,6 +52,7 @@ from rlhf_cli.evaluation import exact_match_rate, greedy_texts, load_answer_exam
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import (
     apply_lora,
+    backbone,
     count_parameters,
     default_device,
     forward_inputs,
@@ -59,6 +60,7 @@ from rlhf_cli.models import (
     load_reference,
     load_reward_model,
     load_tokenizer,
+    score_head,
 )
 from rlhf_cli.rewards import RewardModel
 from rlhf_cli.rollout import make_sampler, row_seeds
@@ -313,23 +315,14 @@ def _load_critic(cfg: Any, path: str, tokenizer) -> torch.nn.Module:
             "policy's tokens, so start it from a model with the policy's tokenizer (e.g. an rm trained from this sft)"
         )
     critic = load_reward_model(critic_cfg, tokenizer, seed=cfg.train.seed)
-    _value_head(critic)
+    score_head(critic, "critic")
     return critic
-
-
-def _value_head(model: torch.nn.Module) -> torch.nn.Module:
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Linear):
-            return head
-    raise UserError(f"critic: {type(model).__name__} has no linear `score` head to read per-token values from")
 
 
 def token_values(critic: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T) the critic's value at every position: its scalar head on every hidden state, not just the last."""
-    backbone = getattr(critic, critic.base_model_prefix)
-    hidden = backbone(**forward_inputs(batch)).last_hidden_state
-    return _value_head(critic)(hidden).squeeze(-1).float()
+    hidden = backbone(critic)(**forward_inputs(batch)).last_hidden_state
+    return score_head(critic, "critic")(hidden).squeeze(-1).float()
 
 
 def _reward_stats(reward_path: str) -> dict[str, float] | None:

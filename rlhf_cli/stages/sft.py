@@ -30,6 +30,7 @@ from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import apply_lora, count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer
+from rlhf_cli.models.padding_free import has_segment_attention
 from rlhf_cli.stages import (
     RunStart,
     begin_training,
@@ -50,6 +51,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), cfg.model)
+    padding_free = has_segment_attention(model)
     device = default_device()
     model.to(device)
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
@@ -80,7 +82,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         model.train()
         throughput = Throughput()
         for step in range(start_step, total_steps):
-            micro_batches = [collate(mb, tokenizer.pad_token_id) for mb in batches.micro_batches(step)]
+            micro_batches = [collate(mb, tokenizer.pad_token_id, padding_free) for mb in batches.micro_batches(step)]
             num_tokens = distributed.total(sum(count_label_tokens(b["loss_mask"]) for b in micro_batches))
             lr = engine.lr
             step_loss = torch.zeros((), device=device)
@@ -102,13 +104,13 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                         "num_tokens": num_tokens}
                 metrics.log(done, last)
             if eval_samples and due(cfg.train.eval_every, done, total_steps):
-                metrics.log(done, evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device))
+                metrics.log(done, evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device, padding_free))
             checkpoint_if_due(cfg, start, done, total_steps, model, engine)
 
         # 5. Final evaluation and the model the next stage loads.
         final_metrics = {"loss": last.get("loss"), "steps": total_steps}
         if eval_samples:
-            evaluation = evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device)
+            evaluation = evaluate(model, tokenizer, eval_samples, eval_examples, stop_ids, cfg.eval, device, padding_free)
             metrics.log(total_steps, evaluation)
             final_metrics.update(evaluation)
     finally:
@@ -131,12 +133,12 @@ def _tokenize(tokenizer, examples: list[SFTExample], stop_ids: set[int], data_cf
 
 @torch.no_grad()
 def evaluate(model, tokenizer, samples: list[TokenizedSample], examples: list[SFTExample],
-             stop_ids: set[int], eval_cfg: Any, device: torch.device) -> dict[str, float]:
+             stop_ids: set[int], eval_cfg: Any, device: torch.device, padding_free: bool = False) -> dict[str, float]:
     """eval/loss: mean NLL per labelled token; eval/accuracy: greedy exact match on rows with an answer."""
     model.eval()
     nll, tokens = 0.0, 0
     for start in range(0, len(samples), eval_cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate(samples[start : start + eval_cfg.batch_size], tokenizer.pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in collate(samples[start : start + eval_cfg.batch_size], tokenizer.pad_token_id, padding_free).items()}
         logits = model(**forward_inputs(batch)).logits
         nll += float(token_nll_sum(logits, batch["input_ids"], batch["loss_mask"]))
         tokens += count_label_tokens(batch["loss_mask"])

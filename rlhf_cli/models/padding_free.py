@@ -1,0 +1,131 @@
+"""Padding-free batches: the samples of a micro-batch concatenated into one row, with attention
+kept inside each sample.
+
+Every matmul of a transformer layer runs per token, so a row of concatenated samples costs their
+real tokens only, where padding a micro-batch to its longest sample costs that width times the
+batch size. Attention is the one per-sample operation: `segment_attention` gathers each sample's
+queries, keys and values into a row of its own, runs SDPA with causal masking there (each row is
+padded at its end only, and no real query reaches a later key), and scatters the outputs back to
+their tokens. Position ids restart at 0 for every sample, so RoPE sees each sample as if alone.
+This is the work flash-attention's variable-length kernels do on a GPU, in torch ops that run on
+any device, with SDPA's own kernels.
+
+The attention is registered with transformers' AttentionInterface; without `segments` (padded
+batches, generation with a KV cache) it is transformers' SDPA, with SDPA's masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "rlhf_segments"
+
+
+@dataclass
+class SampleGroup:
+    """Samples whose tokens follow one another in the row, each attending within itself, or after a prefix.
+
+    A sample's queries are its own tokens. Its keys are the same tokens (causal attention), or, for a
+    response whose prompt runs once elsewhere in the row, the prompt's tokens and then its own, with
+    `mask` saying which keys each query sees.
+    """
+
+    index: torch.Tensor  # (samples, longest) flat positions (row-major over B x T) of each sample's tokens; 0 past its end
+    valid: torch.Tensor  # (samples, longest) True where `index` is one of the sample's tokens
+    key_index: Optional[torch.Tensor] = None  # (samples, keys) flat positions of each sample's keys
+    mask: Optional[torch.Tensor] = None  # (samples, 1, longest, keys) True where a query sees a key
+
+    def to(self, device: torch.device) -> "SampleGroup":
+        return SampleGroup(*(t.to(device) if t is not None else None for t in (self.index, self.valid, self.key_index, self.mask)))
+
+
+@dataclass
+class Segments:
+    """The samples of a batch, in groups that cover its B x T tokens in order."""
+
+    groups: list[SampleGroup]
+
+    def to(self, device: torch.device) -> "Segments":
+        return Segments([g.to(device) for g in self.groups])
+
+
+def segments_from_positions(position_ids: torch.Tensor) -> Segments:
+    """The samples of (B, T) position ids that restart at 0 for each sample (and at each row)."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().squeeze(-1)
+    lengths = torch.diff(starts, append=torch.tensor([flat.numel()], device=flat.device))
+    return Segments([SampleGroup(*_runs(starts, lengths))])
+
+
+def prefixed_segments(prefix_starts, prefix_lengths, starts, lengths, owners) -> Segments:
+    """Prefixes (prompts) that attend causally within themselves, then samples (responses) that
+    follow prefix owners[i]: each attends to its whole prefix and, causally, to itself. Starts are flat
+    token positions; the prefixes' tokens come first in the row."""
+    prefix_index, prefix_valid = _runs(prefix_starts, prefix_lengths)
+    index, valid = _runs(starts, lengths)
+    key_index = torch.cat([prefix_index[owners], index], dim=1)
+    prefix_width = prefix_index.size(1)
+    # Query i sees every real key of its prefix, and its own keys 0..i.
+    own_rank = torch.arange(key_index.size(1), device=index.device) - prefix_width
+    sees = own_rank[None, :] <= torch.arange(index.size(1), device=index.device)[:, None]
+    mask = sees[None] & torch.cat([prefix_valid[owners], valid], dim=1)[:, None, :]
+    return Segments([SampleGroup(prefix_index, prefix_valid), SampleGroup(index, valid, key_index, mask[:, None])])
+
+
+def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, longest) positions start..start+length-1 of each run, 0 past its end, and where they are real."""
+    offsets = torch.arange(int(lengths.max()), device=starts.device)
+    valid = offsets[None, :] < lengths[:, None]
+    return torch.where(valid, starts[:, None] + offsets[None, :], 0), valid
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      segments: Optional[Segments] = None, **kwargs):
+    """query (B, H, T, D), key and value (B, H_kv, T, D) -> ((B, T, H, D), None), as transformers' attention functions."""
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    batch, heads, length, _ = query.shape
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, h, T, d) -> (B x T, h, d)
+        return x.transpose(1, 2).reshape(batch * length, x.size(1), x.size(3))
+
+    query, key, value = tokens(query), tokens(key), tokens(value)
+    outputs = []
+    for group in segments.groups:
+        keys = group.index if group.key_index is None else group.key_index
+        out = F.scaled_dot_product_attention(  # (samples, h, longest, d)
+            query[group.index].transpose(1, 2), key[keys].transpose(1, 2), value[keys].transpose(1, 2),
+            attn_mask=group.mask, is_causal=group.mask is None, dropout_p=dropout, scale=scaling,
+            enable_gqa=key.size(1) != heads)
+        outputs.append(out.transpose(1, 2)[group.valid])
+    return torch.cat(outputs).reshape(batch, length, heads, -1), None
+
+
+AttentionInterface.register(ATTENTION, segment_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def use_segment_attention(model) -> Optional[str]:
+    """Switch a transformers model to `segment_attention`; or say why it cannot take it (it stays as it is)."""
+    config = model.config
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not take transformers' pluggable attention functions"
+    if config._attn_implementation != "sdpa":
+        return f"model.attn_implementation={config._attn_implementation} (padding-free batches need sdpa)"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "the model uses sliding-window attention"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "the model soft-caps its attention logits"
+    model.set_attn_implementation(ATTENTION)
+    return None
+
+
+def has_segment_attention(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == ATTENTION
