@@ -70,20 +70,13 @@ def test_padding_free_collate_is_one_row_of_real_tokens():
     assert batch["attention_mask"].all()
 
 
-@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}], ids=["mha", "gqa"])
-def test_one_row_with_segment_attention_equals_the_padded_batch(extra):
+@pytest.mark.parametrize("rows, extra", [
+    (SAMPLES, {}),
+    (SAMPLES, {"num_key_value_heads": 2}),
+    (pack(SAMPLES, max_length=14), {}),  # data.packing's rows, each of several samples
+], ids=["samples", "grouped-query-attention", "packed-rows"])
+def test_one_row_with_segment_attention_equals_the_padded_batch(rows, extra):
     padded, free = _twin_models(**extra)
-    loss, grads = _loss_and_grads(padded, collate(SAMPLES, pad_id=0))
-    free_loss, free_grads = _loss_and_grads(free, collate(SAMPLES, pad_id=0, padding_free=True))
-    assert free_loss.item() == pytest.approx(loss.item(), abs=1e-4)
-    for a, b in zip(grads, free_grads):
-        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
-
-
-def test_packed_rows_with_trailing_padding_equal_the_samples_alone():
-    padded, free = _twin_models()
-    rows = pack(SAMPLES, max_length=14)  # several rows, some padded at their end
-    assert len(rows) > 1
     loss, grads = _loss_and_grads(padded, collate(SAMPLES, pad_id=0))
     free_loss, free_grads = _loss_and_grads(free, collate(rows, pad_id=0, padding_free=True))
     assert free_loss.item() == pytest.approx(loss.item(), abs=1e-4)
