@@ -31,7 +31,7 @@ test: install
 test-faults: install
 	$(BIN)/pytest -q tests/test_faults.py tests/test_nonfinite.py tests/test_resume.py tests/test_preemption.py
 
-# Every stage at ZeRO-0, 2 and 3 with two processes (the default suite runs ZeRO-2 for sft only).
+# Every stage at ZeRO-0, 2 and 3 with two processes (the default suite: every stage at ZeRO-0, sft at 2 and 3, ppo at 3).
 test-distributed: install
 	$(BIN)/pytest -q tests/test_distributed.py
 

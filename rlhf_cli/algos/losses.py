@@ -8,21 +8,28 @@ import torch
 import torch.nn.functional as F
 
 
-def token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood of the labelled tokens.
+def scoring_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) True at the positions whose logits score a label: position t scores token t+1.
 
-    logits (B, T, V) predict input_ids shifted by one: position t scores token t+1.
     loss_mask (B, T) marks the tokens that are labels; position 0 can never be one.
     """
-    targets = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:], -100)
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    return F.pad(loss_mask[:, 1:], (0, 1), value=False)
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def label_nll_sum(label_logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of the labelled tokens, from the logits at their scoring
+    positions alone: label_logits (K, V), one row per label in row-major order."""
+    return F.cross_entropy(label_logits.float(), input_ids[:, 1:][loss_mask[:, 1:]], reduction="sum")
+
+
+def token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """label_nll_sum from the logits (B, T, V) of every position."""
+    return label_nll_sum(logits[scoring_positions(loss_mask)], input_ids, loss_mask)
+
+
+def sft_loss(label_logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Mean NLL per labelled token of the optimizer step: this micro-batch's sum over the step's token count."""
-    return token_nll_sum(logits, input_ids, loss_mask) / max(num_tokens, 1)
+    return label_nll_sum(label_logits, input_ids, loss_mask) / max(num_tokens, 1)
 
 
 def count_label_tokens(loss_mask: torch.Tensor) -> int:

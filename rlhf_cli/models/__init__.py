@@ -398,6 +398,14 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs | {"use_cache": False}
 
 
+def kept_logits(model, inputs: dict[str, Any], keep):
+    """(K, V) logits at the True positions of keep (B, T) only, in row-major order: the LM head runs on
+    those positions alone (transformers' logits_to_keep), which with a large vocabulary is much of a
+    forward's work and most of its memory."""
+    logits = model(**inputs, logits_to_keep=keep).logits
+    return logits if logits.dim() == 2 else logits[keep]  # a model that ignores logits_to_keep
+
+
 def backbone(model):
     """The transformer body of a task model (hidden states, no head), also inside a peft wrapper."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

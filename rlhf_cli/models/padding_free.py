@@ -41,9 +41,15 @@ class SampleGroup:
     valid: torch.Tensor  # (samples, longest) True where `index` is one of the sample's tokens
     key_index: Optional[torch.Tensor] = None  # (samples, keys) flat positions of each sample's keys
     mask: Optional[torch.Tensor] = None  # (samples, 1, longest, keys) True where a query sees a key
+    # The flat (samples x longest) positions of the real tokens: found once, not in every layer (a device sync).
+    real: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.real is None:
+            self.real = self.valid.reshape(-1).nonzero().squeeze(-1)
 
     def to(self, device: torch.device) -> "SampleGroup":
-        return SampleGroup(*(t.to(device) if t is not None else None for t in (self.index, self.valid, self.key_index, self.mask)))
+        return SampleGroup(*(t.to(device) if t is not None else None for t in (self.index, self.valid, self.key_index, self.mask, self.real)))
 
 
 @dataclass
@@ -96,15 +102,19 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, h, T, d) -> (B x T, h, d)
         return x.transpose(1, 2).reshape(batch * length, x.size(1), x.size(3))
 
+    def per_sample(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (B x T, h, d) -> (samples, h, width, d)
+        # index_select, not x[index]: its backward (index_add_) is the cheaper one on a CPU.
+        return x.index_select(0, index.reshape(-1)).view(*index.shape, x.size(1), x.size(2)).transpose(1, 2)
+
     query, key, value = tokens(query), tokens(key), tokens(value)
     outputs = []
     for group in segments.groups:
         keys = group.index if group.key_index is None else group.key_index
         out = F.scaled_dot_product_attention(  # (samples, h, longest, d)
-            query[group.index].transpose(1, 2), key[keys].transpose(1, 2), value[keys].transpose(1, 2),
+            per_sample(query, group.index), per_sample(key, keys), per_sample(value, keys),
             attn_mask=group.mask, is_causal=group.mask is None, dropout_p=dropout, scale=scaling,
             enable_gqa=key.size(1) != heads)
-        outputs.append(out.transpose(1, 2)[group.valid])
+        outputs.append(out.transpose(1, 2).reshape(-1, heads, out.size(-1)).index_select(0, group.real))
     return torch.cat(outputs).reshape(batch, length, heads, -1), None
 
 

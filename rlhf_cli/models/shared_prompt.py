@@ -22,7 +22,7 @@ import torch
 
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample
-from rlhf_cli.models import backbone, score_head
+from rlhf_cli.models import backbone, kept_logits, score_head
 from rlhf_cli.models.padding_free import has_segment_attention, prefixed_segments
 
 
@@ -84,8 +84,11 @@ def response_logits(model, batch: PromptResponses) -> torch.Tensor:
     `token_logprobs(logits, batch.input_ids)` gives every response token's log-probability."""
     if has_segment_attention(model):
         row = _one_row(batch)
-        logits = model(**row.inputs, use_cache=False).logits[0]
-        return logits[row.layout]
+        # The LM head runs only where batch.input_ids' layout reads: not at a prompt's earlier tokens.
+        keep = torch.zeros_like(row.inputs["input_ids"], dtype=torch.bool)
+        keep[0, row.layout] = True
+        logits = kept_logits(model, row.inputs | {"use_cache": False}, keep)
+        return logits[keep[0].cumsum(0)[row.layout] - 1]
     input_ids, attention_mask = _concatenated(batch)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     # Row r's response starts after its prompt: the logits that score it start one position earlier.

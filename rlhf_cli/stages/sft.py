@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.algos.losses import count_label_tokens, sft_loss, token_nll_sum
+from rlhf_cli.algos.losses import count_label_tokens, label_nll_sum, scoring_positions, sft_loss
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.formats import SFTExample, to_sft_examples
 from rlhf_cli.data.tokenize import (
@@ -29,7 +29,7 @@ from rlhf_cli.engine import make_engine
 from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import apply_lora, count_parameters, default_device, forward_inputs, load_causal_lm, load_tokenizer
+from rlhf_cli.models import apply_lora, count_parameters, default_device, forward_inputs, kept_logits, load_causal_lm, load_tokenizer
 from rlhf_cli.models.padding_free import has_segment_attention
 from rlhf_cli.stages import (
     RunStart,
@@ -89,7 +89,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             for batch in micro_batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with engine.autocast():
-                    logits = model(**forward_inputs(batch)).logits
+                    logits = kept_logits(model, forward_inputs(batch), scoring_positions(batch["loss_mask"]))
                 loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"], num_tokens)
                 engine.backward(loss)
                 step_loss += loss.detach()
@@ -139,8 +139,8 @@ def evaluate(model, tokenizer, samples: list[TokenizedSample], examples: list[SF
     nll, tokens = 0.0, 0
     for start in range(0, len(samples), eval_cfg.batch_size):
         batch = {k: v.to(device) for k, v in collate(samples[start : start + eval_cfg.batch_size], tokenizer.pad_token_id, padding_free).items()}
-        logits = model(**forward_inputs(batch)).logits
-        nll += float(token_nll_sum(logits, batch["input_ids"], batch["loss_mask"]))
+        logits = kept_logits(model, forward_inputs(batch), scoring_positions(batch["loss_mask"]))
+        nll += float(label_nll_sum(logits, batch["input_ids"], batch["loss_mask"]))
         tokens += count_label_tokens(batch["loss_mask"])
     result = {"eval/loss": nll / max(tokens, 1)}
     answered = [e for e in examples if e.answer is not None][: eval_cfg.generate]

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from rlhf_cli.algos.losses import count_label_tokens, sft_loss, token_nll_sum
+from rlhf_cli.algos.losses import count_label_tokens, label_nll_sum, scoring_positions, sft_loss, token_nll_sum
 
 
 def test_token_nll_sum_matches_hand_computed_values():
@@ -25,19 +25,29 @@ def test_position_zero_is_never_a_label():
     assert token_nll_sum(logits, input_ids, torch.tensor([[True, False]])) == 0
 
 
+def test_the_labels_logits_alone_give_the_same_sum():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 7)
+    input_ids = torch.randint(0, 7, (3, 6))
+    loss_mask = torch.rand(3, 6) > 0.4
+    positions = scoring_positions(loss_mask)
+    assert positions[:, :-1].equal(loss_mask[:, 1:]) and not positions[:, -1].any()
+    assert torch.isclose(label_nll_sum(logits[positions], input_ids, loss_mask), token_nll_sum(logits, input_ids, loss_mask))
+
+
 def test_sft_loss_divides_by_the_steps_token_count_not_the_micro_batch():
     torch.manual_seed(0)
     logits = torch.randn(4, 5, 7)
     input_ids = torch.randint(0, 7, (4, 5))
     loss_mask = torch.rand(4, 5) > 0.3
+
+    def loss(rows: slice, num_tokens: int) -> torch.Tensor:
+        return sft_loss(logits[rows][scoring_positions(loss_mask[rows])], input_ids[rows], loss_mask[rows], num_tokens)
+
     total = count_label_tokens(loss_mask)
-    whole = sft_loss(logits, input_ids, loss_mask, total)
-    halves = sft_loss(logits[:2], input_ids[:2], loss_mask[:2], total) + sft_loss(
-        logits[2:], input_ids[2:], loss_mask[2:], total
-    )
-    assert torch.isclose(whole, halves)
+    whole = loss(slice(None), total)
+    assert torch.isclose(whole, loss(slice(0, 2), total) + loss(slice(2, 4), total))
     # Averaging per-micro-batch means instead weights tokens unequally when the halves differ in size.
     n1, n2 = count_label_tokens(loss_mask[:2]), count_label_tokens(loss_mask[2:])
     assert n1 != n2
-    mean_of_means = (sft_loss(logits[:2], input_ids[:2], loss_mask[:2], n1) + sft_loss(logits[2:], input_ids[2:], loss_mask[2:], n2)) / 2
-    assert not torch.isclose(mean_of_means, whole)
+    assert not torch.isclose((loss(slice(0, 2), n1) + loss(slice(2, 4), n2)) / 2, whole)
