@@ -49,7 +49,7 @@ MODELS = {
 }
 BATCH = {"sft": 32, "train-rm": 32, "dpo": 32, "grpo": 8}  # rows (pairs; grpo: prompts) per step
 GROUP, MAX_NEW_TOKENS, LR, SEED = 8, 8, 1e-5, 0
-GRPO_STEPS_SHARE = 4  # grpo runs steps // 4 steps (each samples BATCH x GROUP completions)
+GRPO_STEPS_SHARE = 4  # grpo runs steps // 4 steps, at least 8 (each samples BATCH x GROUP completions)
 DATA = {"sft": "builtin:arith", "train-rm": "builtin:arith_prefs_mixed", "dpo": "builtin:arith_prefs_mixed",
         "grpo": "builtin:arith"}
 
@@ -308,7 +308,7 @@ def main() -> None:
             models = save_models(name, workdir)
             steps, warmup = MODELS[name][1], MODELS[name][2]
             for stage in args.stages.split(","):
-                stage_steps, stage_warmup = (max(steps // GRPO_STEPS_SHARE, 4), max(warmup // GRPO_STEPS_SHARE, 2)) if stage == "grpo" else (steps, warmup)
+                stage_steps, stage_warmup = (max(steps // GRPO_STEPS_SHARE, 8), max(warmup // GRPO_STEPS_SHARE, 2)) if stage == "grpo" else (steps, warmup)
                 loss = {side: launch(side, stage, models, 1, 1, workdir)["first_loss"] for side in ("ours", "trl")}
                 runs: dict[str, list[dict]] = {"ours": [], "trl": []}
                 for rep in range(args.reps):
