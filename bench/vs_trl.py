@@ -17,7 +17,8 @@ grpo, the prompt and completion tokens of the rollouts. Peak memory is the worke
 set (ru_maxrss), imports included.
 
 The first-step loss is compared in separate one-step runs (the formulas are the same for sft,
-train-rm and dpo; grpo samples different completions on each side, so its loss is not compared).
+train-rm and dpo; grpo samples different completions on each side, so its loss is not compared);
+the benchmark fails when they differ by more than LOSS_TOLERANCE.
 
 sft's FLOP/s: 6 x (parameters in matmuls) + 12 x layers x hidden x sequence length per training
 token, against the peak of a square float32 torch matmul measured in the same invocation.
@@ -49,6 +50,7 @@ MODELS = {
 }
 BATCH = {"sft": 32, "train-rm": 32, "dpo": 32, "grpo": 8}  # rows (pairs; grpo: prompts) per step
 GROUP, MAX_NEW_TOKENS, LR, SEED = 8, 8, 1e-5, 0
+LOSS_TOLERANCE = 1e-4  # first-step losses of the same formula on the same inputs (sft, train-rm, dpo)
 GRPO_STEPS_SHARE = 4  # grpo runs steps // 4 steps, at least 8 (each samples BATCH x GROUP completions)
 DATA = {"sft": "builtin:arith", "train-rm": "builtin:arith_prefs_mixed", "dpo": "builtin:arith_prefs_mixed",
         "grpo": "builtin:arith"}
@@ -321,6 +323,10 @@ def main() -> None:
                 rows.append(summarise(name, stage, runs, loss, models, peak, stage_warmup))
                 print(rows[-1]["line"], flush=True)
     print_table(rows)
+    mismatched = [f"{r['model']} {r['stage']}: {r['loss_ours']:.6f} vs {r['loss_trl']:.6f}" for r in rows
+                  if r["loss_ours"] is not None and abs(r["loss_ours"] - r["loss_trl"]) > LOSS_TOLERANCE]
+    if mismatched:
+        sys.exit(f"first-step losses differ by more than {LOSS_TOLERANCE}: " + "; ".join(mismatched))
 
 
 def data_tokens(stage: str, models: Path, first_step: int, last_step: int) -> int:
