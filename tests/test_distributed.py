@@ -46,7 +46,7 @@ def _losses(run) -> list[float]:
 EQUAL_STEPS = {"grpo": ["grpo.rewards=[{name:model,path:runs/default/rm/final}]"], "ppo": ["ppo.num_mini_batches=1"]}
 
 
-@pytest.mark.parametrize("stage", ["sft", "train-rm", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", pytest.param("train-rm", marks=pytest.mark.distributed), "dpo", "grpo", "ppo"])
 def test_two_processes_at_zero0_take_the_steps_of_one_process(chain, stage):
     extra = EQUAL_STEPS.get(stage, [])
     one = _rlhf(chain, stage, "train.max_steps=3", "train.batch_size=8", f"output_dir=one-{stage}", *extra)
@@ -65,9 +65,9 @@ def test_two_processes_at_zero0_take_the_steps_of_one_process(chain, stage):
             assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
 
 
-# By default ZeRO-2 and ZeRO-3 for sft, and ZeRO-3 for ppo (two engines, actor and critic); every other
-# stage runs with two processes in the ZeRO-0 test above. `make test-distributed` runs the whole
-# matrix, which would take the default suite past its 15 minutes.
+# By default ZeRO-2 and ZeRO-3 for sft, and ZeRO-3 for ppo (two engines, actor and critic); the other
+# stages but train-rm run with two processes in the ZeRO-0 test above. `make test-distributed` runs
+# the whole matrix, which would take the default suite past its 15 minutes.
 STAGE_ZERO = [("sft", "zero2"), ("sft", "zero3"), ("ppo", "zero3")] + [
     pytest.param(stage, zero, marks=pytest.mark.distributed)
     for stage, zero in [("train-rm", "zero2"), ("dpo", "zero2"), ("grpo", "zero2"), ("ppo", "zero2"),

@@ -6,8 +6,8 @@ is passed over or refused, and an output_dir that cannot be written, or a disk t
 the run with one `error:` line and nothing half-written that looks whole.
 
 The kills come from a driver script that wraps one function of the package in the child process
-(KILLER below): the package carries no test hook. `make test` runs one kill per stage; `make
-test-faults` (`-m faults`) adds the random kills, the pipeline's and a real full disk (a tmpfs).
+(KILLER below): the package carries no test hook. `make test` runs sft's and dpo's kill; `make
+test-faults` adds the other stages' kills, the random kills, the pipeline's and a real full disk (a tmpfs).
 """
 
 import errno
@@ -368,9 +368,10 @@ def test_a_real_full_disk_then_more_space_resumes_to_the_uninterrupted_weights(c
     assert f"error: output_dir=another: {small_disk} is not writable" in read_only.stderr
 
 
-# SLURM's time-limit warning and preemption in every stage (tests/test_preemption.py: sft in depth).
+# SLURM's time-limit warning and preemption in every stage, under make test-faults (tests/test_preemption.py:
+# sft in depth, in the default suite).
 @pytest.mark.parametrize("stage, sig", [
-    pytest.param("ppo", signal.SIGTERM, id="ppo-SIGTERM"),
+    pytest.param("ppo", signal.SIGTERM, marks=pytest.mark.faults, id="ppo-SIGTERM"),
     pytest.param("train-rm", signal.SIGUSR1, marks=pytest.mark.faults, id="train-rm-SIGUSR1"),
     pytest.param("dpo", signal.SIGTERM, marks=pytest.mark.faults, id="dpo-SIGTERM"),
     pytest.param("grpo", signal.SIGUSR1, marks=pytest.mark.faults, id="grpo-SIGUSR1"),
