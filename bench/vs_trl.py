@@ -51,7 +51,7 @@ MODELS = {
 BATCH = {"sft": 32, "train-rm": 32, "dpo": 32, "grpo": 8}  # rows (pairs; grpo: prompts) per step
 GROUP, MAX_NEW_TOKENS, LR, SEED = 8, 8, 1e-5, 0
 LOSS_TOLERANCE = 1e-4  # first-step losses of the same formula on the same inputs (sft, train-rm, dpo)
-GRPO_STEPS_SHARE = 2  # grpo runs steps // 2 steps, at least 8 (each samples BATCH x GROUP completions)
+GRPO_STEPS_SHARE = 4  # grpo runs steps // 4 steps, at least 8 (each samples BATCH x GROUP completions)
 DATA = {"sft": "builtin:arith", "train-rm": "builtin:arith_prefs_mixed", "dpo": "builtin:arith_prefs_mixed",
         "grpo": "builtin:arith"}
 
