@@ -26,7 +26,8 @@ MULTI_NODE = TEMPLATES / "multi-node.sbatch"
 
 # Long enough to be signalled after its first logged step, short enough for a test. --time=10 keeps
 # the templates' 300 s time-limit warning out of the way (it comes 4 to 5 minutes in).
-ARGS = ["train.max_steps=40", "train.batch_size=4", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
+# Enough steps that a run is still training a few polls (0.5 s each) after its first step is logged.
+ARGS = ["train.max_steps=400", "train.batch_size=4", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
         "train.warmup_ratio=0.1", "eval.generate=0", "eval.max_samples=8"]
 JOB_MINUTES = "10"
 DEADLINE_S = 300
@@ -161,8 +162,9 @@ def test_scancel_stays_cancelled_and_a_requeue_by_slurm_resumes(straight, tmp_pa
     cancelled = _sbatch(tmp_path, SINGLE_NODE, *ARGS, "output_dir=cancelled")
     requeued = _sbatch(tmp_path, SINGLE_NODE, *ARGS, "output_dir=requeued")
     logs = {job: tmp_path / f"slurm-rlhf-{job}.out" for job in (cancelled, requeued)}
-    _wait_until(lambda: all(_log_shows(log, r"^step 1/") for log in logs.values()), "the first step of both jobs")
+    _wait_until(lambda: _log_shows(logs[cancelled], r"^step 1/"), "the first step of the job to cancel")
     subprocess.run(["scancel", cancelled], check=True)
+    _wait_until(lambda: _log_shows(logs[requeued], r"^step 1/"), "the first step of the job to requeue")
     subprocess.run(["scontrol", "requeue", requeued], check=True)
     _wait_for_job(cancelled)
     _wait_for_job(requeued)
