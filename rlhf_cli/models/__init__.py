@@ -408,7 +408,7 @@ def kept_logits(model, inputs: dict[str, Any], keep):
 
 def backbone(model):
     """The transformer body of a task model (hidden states, no head), also inside a peft wrapper."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _without_peft_wrapper(model)
     return getattr(inner, inner.base_model_prefix)
 
 
@@ -416,12 +416,17 @@ def score_head(model, who: str = "model"):
     """The scalar head of a sequence-classification model (`score`, or `classifier`), also inside a peft wrapper."""
     import torch
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _without_peft_wrapper(model)
     for name in ("score", "classifier"):
         head = getattr(inner, name, None)
         if isinstance(head, torch.nn.Module):
             return head
     raise UserError(f"{who}: {type(inner).__name__} has no `score` head to read per-token values from")
+
+
+def _without_peft_wrapper(model):
+    """The transformers model inside a PeftModel (its LoRA layers in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:
