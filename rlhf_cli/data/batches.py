@@ -64,7 +64,7 @@ def collate(samples: list[TokenizedSample], pad_id: int, padding_free: bool = Fa
     must use `rlhf_cli.models.padding_free.segment_attention`).
     """
     if padding_free:
-        return _concatenated(samples)
+        return _one_row(samples)
     width = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(samples), width), dtype=torch.bool)
@@ -88,7 +88,7 @@ def collate(samples: list[TokenizedSample], pad_id: int, padding_free: bool = Fa
     return batch
 
 
-def _concatenated(samples: list[TokenizedSample]) -> dict:
+def _one_row(samples: list[TokenizedSample]) -> dict:
     from rlhf_cli.models.padding_free import segments_from_positions
 
     input_ids = torch.tensor([t for s in samples for t in s.input_ids])[None]
