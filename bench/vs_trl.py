@@ -14,7 +14,10 @@ first steps' one-off costs are left out. Training tokens are the tokens of the r
 counted once from the data (prompt + response + EOS; a pair counts its prompt twice), so padding
 and work one side saves (a prompt run once for both responses) are not counted as tokens; for
 grpo, the prompt and completion tokens of the rollouts. Peak memory is the worker's peak resident
-set (ru_maxrss), imports included.
+set (ru_maxrss), imports included. The work each side does is counted too: the token positions its
+models run (every embedding lookup: padding, a prompt run once per response, generation's steps),
+per training token, and of those the ones in forward passes kept for a backward. Two sides with the
+same positions per token differ only in how fast they run them.
 
 The first-step loss is compared in separate one-step runs (the formulas are the same for sft,
 train-rm and dpo; grpo samples different completions on each side, so its loss is not compared);
@@ -103,6 +106,8 @@ class Probe:
         self.tokens: list[int] = [0]  # per step: training tokens, generated tokens, generation seconds
         self.generated: list[int] = [0]
         self.generate_s: list[float] = [0.0]
+        self.positions: list[int] = [0]  # token positions through the model (embedding lookups), padding included
+        self.trained_positions: list[int] = [0]  # of those, in forward passes that keep a graph for backward
         self.first_loss: float | None = None
 
     def install(self, side: str, pad_id: int) -> None:
@@ -113,8 +118,11 @@ class Probe:
             self.tokens.append(0)
             self.generated.append(0)
             self.generate_s.append(0.0)
+            self.positions.append(0)
+            self.trained_positions.append(0)
 
         register_optimizer_step_post_hook(on_step)
+        self._count_positions()
         if side == "ours":
             import rlhf_cli.rollout as rollout
 
@@ -123,6 +131,20 @@ class Probe:
             from transformers.generation.utils import GenerationMixin
 
             GenerationMixin.generate = self._timed(GenerationMixin.generate, lambda *a: self._count_transformers(pad_id, *a))
+
+    def _count_positions(self) -> None:
+        """Every token embedding looked up, by either side's model: the work each side does per step."""
+        import torch
+
+        embed = torch.nn.Embedding.forward
+
+        def counted(module, input_ids):
+            self.positions[-1] += input_ids.numel()
+            if torch.is_grad_enabled():
+                self.trained_positions[-1] += input_ids.numel()
+            return embed(module, input_ids)
+
+        torch.nn.Embedding.forward = counted
 
     def _timed(self, generate, count):
         """Each side's generation entry point, timed; `count` gives (prompt tokens, generated tokens)."""
@@ -153,6 +175,7 @@ class Probe:
         seconds = self.step_ends[-1] - self.step_ends[warmup - 1]
         return {"steps": steps, "seconds": seconds, "tokens": sum(self.tokens[window]),
                 "generated": sum(self.generated[window]), "generate_s": sum(self.generate_s[window]),
+                "positions": sum(self.positions[window]), "trained_positions": sum(self.trained_positions[window]),
                 "first_loss": self.first_loss,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -354,6 +377,8 @@ def summarise(model: str, stage: str, runs: dict, loss: dict, models: Path, peak
         row[f"{side}_mib"] = median(side, "peak_rss_mib")
         row[f"{side}_gen_tps"] = median(side, "generated") if stage == "grpo" else None
         row[f"{side}_rollout_share"] = statistics.median(r["generate_s"] / r["seconds"] for r in runs[side]) if stage == "grpo" else None
+        for kind in ("positions", "trained_positions"):
+            row[f"{side}_{kind}"] = statistics.median(r[kind] / r["tokens"] for r in runs[side])
     for side in ("ours", "trl"):
         run = runs[side][0]
         mean_length = run["tokens"] / (BATCH[stage] * (run["steps"] - warmup))
@@ -369,15 +394,17 @@ def print_table(rows: list[dict]) -> None:
         return "-" if value is None else format(value, spec)
 
     print("\n| model | stage | ours tok/s | TRL tok/s | ours/TRL | ours MiB | TRL MiB | first loss ours / TRL "
-          "| ours gen tok/s (rollout share) | TRL gen tok/s (rollout share) | sft FLOP/s of matmul peak, ours / TRL |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| ours gen tok/s (rollout share) | TRL gen tok/s (rollout share) | sft FLOP/s of matmul peak, ours / TRL "
+          "| positions run per token (with grad), ours / TRL |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         loss = "-" if r["loss_ours"] is None else f"{r['loss_ours']:.5f} / {r['loss_trl']:.5f}"
         gen = {side: "-" if r[f"{side}_gen_tps"] is None else f"{r[f'{side}_gen_tps']:.0f} ({r[f'{side}_rollout_share']:.0%})"
                for side in ("ours", "trl")}
         print(f"| {r['model']} | {r['stage']} | {r['ours_tps']:.0f} | {r['trl_tps']:.0f} | {r['ours_tps'] / r['trl_tps']:.2f}x "
               f"| {r['ours_mib']:.0f} | {r['trl_mib']:.0f} | {loss} | {gen['ours']} | {gen['trl']} "
-              f"| {fmt(r['ours_mfu'], '.0%')} / {fmt(r['trl_mfu'], '.0%')} |")
+              f"| {fmt(r['ours_mfu'], '.0%')} / {fmt(r['trl_mfu'], '.0%')} "
+              f"| {r['ours_positions']:.2f} ({r['ours_trained_positions']:.2f}) / {r['trl_positions']:.2f} ({r['trl_trained_positions']:.2f}) |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def generate(
         with full_weights(model):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
-                pick = RowSampler(seeds[start : start + batch_size], temperature, top_p) if sampling else _greedy
+                pick = RowSampler(seeds[start : start + batch_size], temperature, top_p, max_new_tokens) if sampling else _greedy
                 completions.extend(_decode(model, chunk, max_new_tokens, pad_id, stop_ids, pick))
     finally:
         model.train(was_training)
@@ -92,17 +92,21 @@ def _greedy(logits: torch.Tensor) -> torch.Tensor:
 class RowSampler:
     """Draws every row's next token from temperature- and top-p-shaped probabilities with the row's own
     generator: one uniform draw per row and step (inverse CDF), so row i's k-th token depends on
-    seeds[i] and its own logits alone."""
+    seeds[i] and its own logits alone. A row's `steps` draws are taken at once: a CPU generator gives
+    the same float64 sequence in one call as in one call per step, at an eighth of the calls for 8 steps."""
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, steps: int):
+        self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+                                     for seed in seeds]).float()
+        self.step = 0
         self.temperature = temperature
         self.top_p = top_p
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         probs = top_p_probabilities(logits.float() / self.temperature, self.top_p).cpu()
         cumulative = probs.cumsum(-1)
-        uniforms = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators]).float()
+        uniforms = self.uniforms[:, self.step : self.step + 1]
+        self.step += 1
         tokens = torch.searchsorted(cumulative, uniforms * cumulative[:, -1:]).clamp(max=probs.size(-1) - 1)
         tokens = torch.where(probs.gather(1, tokens) > 0, tokens, probs.argmax(-1, keepdim=True))  # never a cut-off token
         return tokens[:, 0].to(logits.device)

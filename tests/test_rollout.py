@@ -2,7 +2,7 @@
 
 import torch
 
-from rlhf_cli.rollout import generate, row_seeds, top_p_probabilities
+from rlhf_cli.rollout import RowSampler, generate, row_seeds, top_p_probabilities
 
 
 def _tiny():
@@ -19,6 +19,20 @@ def test_top_p_keeps_the_smallest_set_that_reaches_the_mass():
     assert torch.allclose(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
     assert torch.allclose(top_p_probabilities(logits, 0.4), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # the top token always stays
     assert torch.allclose(top_p_probabilities(logits, 1.0), torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+
+
+def test_row_k_th_token_is_drawn_with_the_k_th_uniform_of_its_seed():
+    """The stream a sampled run's completions come from: draw k of row i is the k-th float64 of
+    Generator(seeds[i]), however the draws are batched (runs resumed across versions sample alike)."""
+    seeds, steps, vocab = [3, 1_000_003, 2**62 + 7], 5, 256  # 1/256 and its sums are exact in float32
+    sampler = RowSampler(seeds, temperature=1.0, top_p=1.0, steps=steps)
+    drawn = torch.stack([sampler(torch.zeros(len(seeds), vocab)) for _ in range(steps)], dim=1)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    for k in range(steps):
+        for row, generator in enumerate(generators):
+            uniform = torch.rand(1, generator=generator, dtype=torch.float64).float()
+            # Uniform logits: the inverse CDF picks token ceil(u * vocab) - 1.
+            assert int(drawn[row, k]) == int(torch.ceil(uniform * vocab)) - 1
 
 
 def test_a_rows_completion_depends_on_its_seed_not_on_its_batch():
