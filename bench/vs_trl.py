@@ -54,7 +54,6 @@ MODELS = {
 BATCH = {"sft": 32, "train-rm": 32, "dpo": 32, "grpo": 8}  # rows (pairs; grpo: prompts) per step
 GROUP, MAX_NEW_TOKENS, LR, SEED = 8, 8, 1e-5, 0
 LOSS_TOLERANCE = 1e-4  # first-step losses of the same formula on the same inputs (sft, train-rm, dpo)
-GRPO_STEPS_SHARE = 4  # grpo runs steps // 4 steps, at least 8 (each samples BATCH x GROUP completions)
 DATA = {"sft": "builtin:arith", "train-rm": "builtin:arith_prefs_mixed", "dpo": "builtin:arith_prefs_mixed",
         "grpo": "builtin:arith"}
 
@@ -333,17 +332,16 @@ def main() -> None:
             models = save_models(name, workdir)
             steps, warmup = MODELS[name][1], MODELS[name][2]
             for stage in args.stages.split(","):
-                stage_steps, stage_warmup = (max(steps // GRPO_STEPS_SHARE, 8), max(warmup // GRPO_STEPS_SHARE, 2)) if stage == "grpo" else (steps, warmup)
                 loss = {side: launch(side, stage, models, 1, 1, workdir)["first_loss"] for side in ("ours", "trl")}
                 runs: dict[str, list[dict]] = {"ours": [], "trl": []}
                 for rep in range(args.reps):
                     for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
-                        runs[side].append(launch(side, stage, models, stage_steps, stage_warmup, workdir))
+                        runs[side].append(launch(side, stage, models, steps, warmup, workdir))
                 if stage != "grpo":
-                    tokens = data_tokens(stage, models, stage_warmup, stage_steps)
+                    tokens = data_tokens(stage, models, warmup, steps)
                     for run in runs["ours"] + runs["trl"]:
                         run["tokens"] = tokens
-                rows.append(summarise(name, stage, runs, loss, models, peak, stage_warmup))
+                rows.append(summarise(name, stage, runs, loss, models, peak, warmup))
                 print(rows[-1]["line"], flush=True)
     print_table(rows)
     mismatched = [f"{r['model']} {r['stage']}: {r['loss_ours']:.6f} vs {r['loss_trl']:.6f}" for r in rows
