@@ -102,7 +102,10 @@ def matmul_peak(size: int = 1536, repeats: int = 20) -> float:
 class Probe:
     def __init__(self) -> None:
         self.step_ends: list[float] = []
-        self.tokens: list[int] = [0]  # per step: training tokens, generated tokens, generation seconds
+        # Per step, [k] counting what runs after the end of step k and up to the end of step k + 1 (steps
+        # 1-based; the last entry is what runs after the last step): training tokens, generated tokens,
+        # generation seconds.
+        self.tokens: list[int] = [0]
         self.generated: list[int] = [0]
         self.generate_s: list[float] = [0.0]
         self.positions: list[int] = [0]  # token positions through the model (embedding lookups), padding included
@@ -170,7 +173,7 @@ class Probe:
 
     def result(self, warmup: int) -> dict:
         steps = len(self.step_ends)
-        window = slice(warmup + 1, steps + 1)  # tokens[k] belong to step k (1-based); tokens[0] to none
+        window = slice(warmup, steps)  # steps warmup + 1 .. steps, the ones the clock times
         seconds = self.step_ends[-1] - self.step_ends[warmup - 1]
         return {"steps": steps, "seconds": seconds, "tokens": sum(self.tokens[window]),
                 "generated": sum(self.generated[window]), "generate_s": sum(self.generate_s[window]),
