@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 STAGES = ("sft", "train-rm", "dpo", "grpo")
@@ -103,13 +104,11 @@ class Probe:
     def __init__(self) -> None:
         self.step_ends: list[float] = []
         # Per step, [k] counting what runs after the end of step k and up to the end of step k + 1 (steps
-        # 1-based; the last entry is what runs after the last step): training tokens, generated tokens,
-        # generation seconds.
-        self.tokens: list[int] = [0]
-        self.generated: list[int] = [0]
-        self.generate_s: list[float] = [0.0]
-        self.positions: list[int] = [0]  # token positions through the model (embedding lookups), padding included
-        self.trained_positions: list[int] = [0]  # of those, in forward passes that keep a graph for backward
+        # 1-based; the last entry is what runs after the last step): "tokens" (of the rows trained on),
+        # "generated" (tokens), "generate_s" (seconds), "positions" (token positions through the model,
+        # embedding lookups, padding included) and "trained_positions" (of those, in forward passes that
+        # keep a graph for backward).
+        self.counts: list[Counter] = [Counter()]
         self.first_loss: float | None = None
 
     def install(self, side: str, pad_id: int) -> None:
@@ -117,11 +116,7 @@ class Probe:
 
         def on_step(optimizer, args, kwargs):
             self.step_ends.append(time.perf_counter())
-            self.tokens.append(0)
-            self.generated.append(0)
-            self.generate_s.append(0.0)
-            self.positions.append(0)
-            self.trained_positions.append(0)
+            self.counts.append(Counter())
 
         register_optimizer_step_post_hook(on_step)
         self._count_positions()
@@ -141,9 +136,9 @@ class Probe:
         embed = torch.nn.Embedding.forward
 
         def counted(module, input_ids):
-            self.positions[-1] += input_ids.numel()
+            self.counts[-1]["positions"] += input_ids.numel()
             if torch.is_grad_enabled():
-                self.trained_positions[-1] += input_ids.numel()
+                self.counts[-1]["trained_positions"] += input_ids.numel()
             return embed(module, input_ids)
 
         torch.nn.Embedding.forward = counted
@@ -153,10 +148,10 @@ class Probe:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             output = generate(*args, **kwargs)
-            self.generate_s[-1] += time.perf_counter() - start
+            self.counts[-1]["generate_s"] += time.perf_counter() - start
             prompt_tokens, new_tokens = count(args, kwargs, output)
-            self.generated[-1] += new_tokens
-            self.tokens[-1] += prompt_tokens + new_tokens  # the rows the step trains on
+            self.counts[-1]["generated"] += new_tokens
+            self.counts[-1]["tokens"] += prompt_tokens + new_tokens  # the rows the step trains on
             return output
 
         return timed
@@ -175,9 +170,9 @@ class Probe:
         steps = len(self.step_ends)
         window = slice(warmup, steps)  # steps warmup + 1 .. steps, the ones the clock times
         seconds = self.step_ends[-1] - self.step_ends[warmup - 1]
-        return {"steps": steps, "seconds": seconds, "tokens": sum(self.tokens[window]),
-                "generated": sum(self.generated[window]), "generate_s": sum(self.generate_s[window]),
-                "positions": sum(self.positions[window]), "trained_positions": sum(self.trained_positions[window]),
+        timed = sum(self.counts[window], Counter())
+        return {"steps": steps, "seconds": seconds,
+                **{key: timed[key] for key in ("tokens", "generated", "generate_s", "positions", "trained_positions")},
                 "first_loss": self.first_loss,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
