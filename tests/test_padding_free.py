@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rlhf_cli.algos.losses import token_nll_sum
+from rlhf_cli.algos.losses import scoring_positions, token_nll_sum
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample, pack
-from rlhf_cli.models import TINY_DIR, forward_inputs
+from rlhf_cli.models import TINY_DIR, forward_inputs, kept_logits
 from rlhf_cli.models.padding_free import ATTENTION, prefixed_segments, segments_from_positions, use_segment_attention
 from tests.conftest import read_jsonl
 
@@ -60,6 +60,37 @@ def test_responses_attend_to_their_whole_prompt_and_causally_to_themselves():
         [[1, 1, 0, 1, 0], [1, 1, 0, 1, 1]],  # prompt 1 has two tokens: key 2 is padding
         [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]],  # the one-token response's second query is padding
     ]
+
+
+def test_a_position_is_read_by_the_later_positions_of_its_sample_and_a_prompt_by_its_responses():
+    causal = segments_from_positions(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]]))
+    wanted = torch.tensor([0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
+    assert causal.read_by(wanted).int().tolist() == [1, 1, 0, 0, 0, 1, 1, 0]  # sample 1 is not read at all
+    # Row: prompt 0 (tokens 0-2), prompt 1 (3-4), response 0 of prompt 1 (5-6), response 1 of prompt 0 (7).
+    prefixed = prefixed_segments(torch.tensor([0, 3]), torch.tensor([3, 2]), torch.tensor([5, 7]), torch.tensor([2, 1]),
+                                 owners=torch.tensor([1, 0]))
+    assert prefixed.read_by(torch.tensor([0, 0, 0, 0, 0, 1, 0, 0], dtype=torch.bool)).int().tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert prefixed.read_by(torch.tensor([0, 0, 1, 0, 0, 0, 0, 0], dtype=torch.bool)).int().tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("rows", [SAMPLES, pack(SAMPLES, max_length=14)], ids=["samples", "packed-rows"])
+def test_kept_logits_do_not_run_a_samples_last_token_and_equal_the_whole_rows(rows):
+    whole, trimmed = (_twin_models()[1] for _ in range(2))  # equal weights, both with segment attention
+    batch = collate(rows, pad_id=0, padding_free=True)
+    keep = scoring_positions(batch["loss_mask"])
+    seen = []
+    trimmed.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
+    kept = kept_logits(trimmed, forward_inputs(batch), keep)
+    kept.sum().backward()
+    positions = batch["position_ids"][0]
+    last_of_sample = torch.cat([positions[1:] == 0, torch.tensor([True])])
+    assert seen[0].tolist() == [batch["input_ids"][0][~last_of_sample].tolist()]
+
+    logits = whole(**forward_inputs(batch)).logits[keep]
+    logits.sum().backward()
+    torch.testing.assert_close(kept, logits, atol=1e-5, rtol=1e-4)
+    for a, b in zip(whole.parameters(), trimmed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=2e-5, rtol=1e-4)
 
 
 def test_padding_free_collate_is_one_row_of_real_tokens():

@@ -72,13 +72,15 @@ def test_a_model_without_segment_attention_takes_rows_with_the_same_layout():
     assert torch.allclose(rows[mask], shared[mask], atol=1e-5)
 
 
-def test_each_prompt_runs_once_in_one_row_without_padding():
+def test_each_prompt_runs_once_in_one_row_without_padding_or_the_responses_last_tokens():
     model = _model(AutoModelForCausalLM)
     batch = collate_responses(PROMPTS, RESPONSES, OWNERS, pad_id=0)
     seen = []
-    model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
     response_logits(model, batch)
-    assert seen == [(1, sum(map(len, PROMPTS)) + sum(map(len, RESPONSES)))]
+    # A response's last token scores nothing and no other token reads it.
+    expected = [t for p in PROMPTS for t in p] + [t for r in RESPONSES for t in r[:-1]]
+    assert [row.tolist() for row in seen] == [[expected]]
     assert batch.num_tokens == sum(len(PROMPTS[o]) + len(r) for r, o in zip(RESPONSES, OWNERS))
 
 

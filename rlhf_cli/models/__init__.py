@@ -401,7 +401,16 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def kept_logits(model, inputs: dict[str, Any], keep):
     """(K, V) logits at the True positions of keep (B, T) only, in row-major order: the LM head runs on
     those positions alone (transformers' logits_to_keep), which with a large vocabulary is much of a
-    forward's work and most of its memory."""
+    forward's work and most of its memory. In a padding-free row, the model does not run the
+    positions no kept logit reads (each sample's tokens after its last kept position)."""
+    import torch
+
+    segments = inputs.get("segments")
+    if segments is not None and keep.size(0) == 1:
+        needed = segments.read_by(keep[0])
+        if not bool(needed.all()):
+            inputs = {k: v[:, needed] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            inputs["segments"], keep = segments.narrowed(needed), keep[:, needed]
     logits = model(**inputs, logits_to_keep=keep).logits
     return logits if logits.dim() == 2 else logits[keep]  # a model that ignores logits_to_keep
 

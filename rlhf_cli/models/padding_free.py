@@ -61,6 +61,36 @@ class Segments:
     def to(self, device: torch.device) -> "Segments":
         return Segments([g.to(device) for g in self.groups])
 
+    def read_by(self, wanted: torch.Tensor) -> torch.Tensor:
+        """(N,) True at the flat positions the outputs at `wanted` (N,) depend on: those positions, the
+        keys they attend to, and the keys of those keys, down through the layers.
+
+        A causal LM's logit at the last token of a sample scores nothing, and nothing after it in the
+        sample reads it: such positions need not run at all. Groups are walked last to first: a
+        group's keys lie in itself or in an earlier group (responses read their prompt)."""
+        needed = wanted.clone()
+        for group in reversed(self.groups):
+            queries = needed[group.index] & group.valid
+            if group.key_index is None:  # causal within the sample: every key up to the last needed query
+                reads = queries.flip(1).cummax(1).values.flip(1) & group.valid
+                needed[group.index[reads]] = True
+            else:
+                reads = (group.mask[:, 0] & queries[:, :, None]).any(1)
+                needed[group.key_index[reads]] = True
+        return needed
+
+    def narrowed(self, needed: torch.Tensor) -> "Segments":
+        """The segments of the row that keeps the `needed` positions alone (needed as `read_by` gives it:
+        a dropped key is seen by dropped queries only, so the masks stay as they are)."""
+        position = needed.cumsum(0) - 1
+
+        def moved(index: torch.Tensor) -> torch.Tensor:
+            return torch.where(needed[index], position[index], 0)
+
+        return Segments([SampleGroup(moved(g.index), g.valid & needed[g.index],
+                                     None if g.key_index is None else moved(g.key_index), g.mask)
+                         for g in self.groups])
+
 
 def segments_from_positions(position_ids: torch.Tensor) -> Segments:
     """The samples of (B, T) position ids that restart at 0 for each sample (and at each row)."""

@@ -84,11 +84,13 @@ def response_logits(model, batch: PromptResponses) -> torch.Tensor:
     `token_logprobs(logits, batch.input_ids)` gives every response token's log-probability."""
     if has_segment_attention(model):
         row = _one_row(batch)
-        # The LM head runs only where batch.input_ids' layout reads: not at a prompt's earlier tokens.
+        # Logits only where they score a response token: not at a prompt's earlier tokens, and not at a
+        # response's last token, which then does not run at all. The layout's other positions (they
+        # score padding) take a neighbour's logits.
         keep = torch.zeros_like(row.inputs["input_ids"], dtype=torch.bool)
-        keep[0, row.layout] = True
+        keep[0, row.layout[:, :-1][batch.response_mask[:, 1:]]] = True
         logits = kept_logits(model, row.inputs | {"use_cache": False}, keep)
-        return logits[keep[0].cumsum(0)[row.layout] - 1]
+        return logits[(keep[0].cumsum(0)[row.layout] - 1).clamp(min=0)]
     input_ids, attention_mask = _concatenated(batch)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     # Row r's response starts after its prompt: the logits that score it start one position earlier.
