@@ -93,6 +93,12 @@ def test_kept_logits_do_not_run_a_samples_last_token_and_equal_the_whole_rows(ro
         torch.testing.assert_close(b.grad, a.grad, atol=2e-5, rtol=1e-4)
 
 
+def test_kept_logits_of_a_row_with_nothing_to_keep_are_empty():
+    batch = collate(SAMPLES, pad_id=0, padding_free=True)
+    keep = torch.zeros_like(batch["loss_mask"])
+    assert kept_logits(_twin_models()[1], forward_inputs(batch), keep).shape == (0, 260)
+
+
 def test_padding_free_collate_is_one_row_of_real_tokens():
     batch = collate(SAMPLES, pad_id=0, padding_free=True)
     assert batch["input_ids"].tolist() == [[t for s in SAMPLES for t in s.input_ids]]

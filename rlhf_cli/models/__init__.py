@@ -408,7 +408,7 @@ def kept_logits(model, inputs: dict[str, Any], keep):
     segments = inputs.get("segments")
     if segments is not None and keep.size(0) == 1:
         needed = segments.read_by(keep[0])
-        if not bool(needed.all()):
+        if 0 < int(needed.sum()) < needed.numel():
             inputs = {k: v[:, needed] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             inputs["segments"], keep = segments.narrowed(needed), keep[:, needed]
     logits = model(**inputs, logits_to_keep=keep).logits
