@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 
+from rlhf_cli.models import selected_logits
 from rlhf_cli.models.shared_prompt import kv_cache, right_padded
 
 
@@ -63,11 +65,14 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, s
     distinct: dict[tuple[int, ...], int] = {}
     owners = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
     prompt_ids, prompt_mask = (t.to(device) for t in right_padded([list(p) for p in distinct], pad_id))
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    prompt_lengths = prompt_mask.sum(-1)
+    # The LM head runs at each prompt's last token alone: with a real vocabulary, logits at every
+    # prompt token would be a large share of the prefill's work and most of its memory.
+    last_token = F.one_hot(prompt_lengths - 1, prompt_ids.size(1)).bool()
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=last_token)
     cache_name, cache = kv_cache(out)
     cache.batch_select_indices(owners)
-    prompt_lengths = prompt_mask.sum(-1)
-    logits = out.logits[torch.arange(len(distinct), device=device), prompt_lengths - 1][owners]
+    logits = selected_logits(out.logits, last_token)[owners]
     lengths, attention = prompt_lengths[owners], prompt_mask[owners]
     stops = torch.tensor(sorted(stop_ids), device=device)
     stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)

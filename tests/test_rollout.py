@@ -70,3 +70,13 @@ def test_rows_sharing_a_prompt_sample_as_if_alone():
     alone = [generate(model, [prompt], batch_size=1, seeds=[seed], **common)[0] for prompt, seed in zip(group, seeds)]
     assert together == alone
     assert len(set(map(tuple, together[:4]))) > 1  # one prompt, different draws
+
+
+def test_the_prefill_runs_the_lm_head_at_each_distinct_prompts_last_token_alone():
+    tokenizer, model = _tiny()
+    prompts = [tokenizer.encode("12+7=")] * 3 + [tokenizer.encode("Q: 100-1=")]
+    heads = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, output: heads.append(args[0].shape[:-1]))
+    generate(model, prompts, max_new_tokens=3, pad_id=tokenizer.pad_token_id, stop_ids=set(), batch_size=4)
+    assert heads[0] == (2,)  # two distinct prompts, one position each
+    assert all(shape == (4, 1) for shape in heads[1:])  # then one position per row and step

@@ -411,8 +411,12 @@ def kept_logits(model, inputs: dict[str, Any], keep):
         if 0 < int(needed.sum()) < needed.numel():
             inputs = {k: v[:, needed] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             inputs["segments"], keep = segments.narrowed(needed), keep[:, needed]
-    logits = model(**inputs, logits_to_keep=keep).logits
-    return logits if logits.dim() == 2 else logits[keep]  # a model that ignores logits_to_keep
+    return selected_logits(model(**inputs, logits_to_keep=keep).logits, keep)
+
+
+def selected_logits(logits, keep):
+    """The (K, V) logits of a forward given logits_to_keep=keep (B, T), also from a model that ignores it."""
+    return logits if logits.dim() == 2 else logits[keep]
 
 
 def backbone(model):
