@@ -12,7 +12,8 @@ from rlhf_cli.algos.losses import scoring_positions, token_nll_sum
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample, pack
 from rlhf_cli.models import TINY_DIR, forward_inputs, kept_logits
-from rlhf_cli.models.padding_free import ATTENTION, prefixed_segments, segments_from_positions, use_segment_attention
+from rlhf_cli.models.padding_free import (ATTENTION, prefixed_segments, segments_from_positions, shared_prefixes,
+                                          use_segment_attention)
 from tests.conftest import read_jsonl
 
 SAMPLES = [
@@ -90,6 +91,47 @@ def test_kept_logits_do_not_run_a_samples_last_token_and_equal_the_whole_rows(ro
     logits.sum().backward()
     torch.testing.assert_close(kept, logits, atol=1e-5, rtol=1e-4)
     for a, b in zip(whole.parameters(), trimmed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=2e-5, rtol=1e-4)
+
+
+ALIKE = [  # b shares a's first two tokens, c is a's copy, d shares nothing; e shares b's first three
+    TokenizedSample([5, 6, 7, 20, 2], [False] * 3 + [True] * 2, "a"),
+    TokenizedSample([5, 6, 8, 9, 21, 2], [False] * 4 + [True] * 2, "b"),
+    TokenizedSample([5, 6, 7, 20, 2], [False] * 3 + [True] * 2, "c"),
+    TokenizedSample([4, 6, 22, 2], [False] * 2 + [True] * 2, "d"),
+    TokenizedSample([5, 6, 8, 10, 23, 24, 2], [False] * 4 + [True] * 3, "e"),
+]
+
+
+def test_samples_that_begin_alike_run_their_shared_tokens_once():
+    tokens = torch.tensor([5, 6, 7, 5, 6, 8, 9, 5, 6, 7, 4, 6])  # a b c d: b shares 2 tokens with a, c all 3
+    shared = shared_prefixes(segments_from_positions(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 0, 1]])), tokens)
+    assert shared.survivors.tolist() == [0, 1, 2, 10, 11, 5, 6]  # a and d whole, then b's own tokens
+    assert shared.moved_to.tolist() == [0, 1, 2, 0, 1, 5, 6, 0, 1, 2, 3, 4]
+    alone, after_prefix = shared.segments.groups
+    assert alone.key_index is None and alone.index.tolist() == [[0, 1, 2], [3, 4, 0]]
+    assert after_prefix.index.tolist() == [[5, 6]] and after_prefix.key_index.tolist() == [[0, 1, 5, 6]]
+    assert after_prefix.mask[0, 0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert shared_prefixes(segments_from_positions(torch.tensor([[0, 1, 0, 1]])), torch.tensor([5, 6, 7, 6])) is None
+
+
+@pytest.mark.parametrize("rows", [ALIKE, pack(ALIKE, max_length=14)], ids=["samples", "packed-rows"])
+def test_kept_logits_of_samples_that_share_a_prefix_equal_the_whole_rows(rows):
+    whole, shared = (_twin_models()[1] for _ in range(2))
+    batch = collate(rows, pad_id=0, padding_free=True)
+    keep = scoring_positions(batch["loss_mask"])
+    seen = []
+    shared.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
+    kept = kept_logits(shared, forward_inputs(batch), keep)
+    # a: 4 tokens run (not its last), b: 3 after the 2 it shares, c: none, d: 3, e: 3 after the 3 it shares with b
+    assert seen[0].numel() == 4 + 3 + 0 + 3 + 3
+    weights = torch.randn_like(kept)  # samples that share a position weigh its logits differently
+    (kept * weights).sum().backward()
+
+    logits = whole(**forward_inputs(batch)).logits[keep]
+    (logits * weights).sum().backward()
+    torch.testing.assert_close(kept, logits, atol=1e-5, rtol=1e-4)
+    for a, b in zip(whole.parameters(), shared.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=2e-5, rtol=1e-4)
 
 

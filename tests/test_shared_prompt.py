@@ -31,12 +31,19 @@ def _checkpointed(model, on: bool):
     switch()
 
 
-def _reference_rows(model):
+# Prompts that begin alike and responses that begin alike (two are copies), as a template and a
+# policy's samples make them.
+ALIKE_PROMPTS = [[5, 6, 7, 8, 9], [5, 6, 11], [12, 13, 14], [5, 6, 7, 10]]
+ALIKE_RESPONSES = [[20, 21, 2], [22, 2], [23, 24, 2], [20, 21, 2], [20, 29, 2], [22, 2], [22, 3, 4, 2], [20, 21, 2]]
+ALIKE_OWNERS = [0, 1, 2, 0, 0, 1, 1, 3]
+
+
+def _reference_rows(model, prompts=PROMPTS, responses=RESPONSES, owners=OWNERS):
     """The plain way: one right-padded row of prompt + response per response, no cache."""
     from rlhf_cli.data.batches import collate
     from rlhf_cli.data.tokenize import TokenizedSample
 
-    rows = [TokenizedSample(PROMPTS[o] + r, [False] * len(PROMPTS[o]) + [True] * len(r), "") for r, o in zip(RESPONSES, OWNERS)]
+    rows = [TokenizedSample(prompts[o] + r, [False] * len(prompts[o]) + [True] * len(r), "") for r, o in zip(responses, owners)]
     batch = collate(rows, 0)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False), batch
 
@@ -95,3 +102,31 @@ def test_reward_scores_equal_concatenated_rows(segments, checkpointing):
     _checkpointed(model, False)
     plain = _reference_rows(model)[0].logits[:, 0]
     assert torch.allclose(scores, plain, atol=1e-5)
+
+
+def test_prompts_and_responses_that_begin_alike_run_their_shared_tokens_once():
+    model = _model(AutoModelForCausalLM)
+    batch = collate_responses(ALIKE_PROMPTS, ALIKE_RESPONSES, ALIKE_OWNERS, pad_id=0)
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].numel()))
+    shared, _ = sequence_logprobs(response_logits(model, batch), batch.input_ids, batch.loss_mask)
+    # Prompts: 5 + 1 (after [5, 6]) + 3 + 1 (after [5, 6, 7]). Responses, less their last tokens:
+    # prompt 0 runs 20, 21 (twice sampled) and the 29 of [20, 29, 2]; prompt 1 runs 22 (three times
+    # sampled), 3 and 4; prompt 2 runs 23, 24; prompt 3 runs 20, 21.
+    assert seen == [10 + 3 + 3 + 2 + 2]
+    weights = torch.randn_like(shared)
+    (shared * weights).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    out, rows = _reference_rows(model, ALIKE_PROMPTS, ALIKE_RESPONSES, ALIKE_OWNERS)
+    plain, _ = sequence_logprobs(out.logits, rows["input_ids"], rows["loss_mask"])
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    for a, p in zip(shared_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+    scorer = _model(AutoModelForSequenceClassification, num_labels=1)
+    scores = response_scores(scorer, batch)
+    torch.testing.assert_close(scores, _reference_rows(scorer, ALIKE_PROMPTS, ALIKE_RESPONSES, ALIKE_OWNERS)[0].logits[:, 0],
+                               atol=1e-5, rtol=1e-5)

@@ -401,17 +401,44 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def kept_logits(model, inputs: dict[str, Any], keep):
     """(K, V) logits at the True positions of keep (B, T) only, in row-major order: the LM head runs on
     those positions alone (transformers' logits_to_keep), which with a large vocabulary is much of a
-    forward's work and most of its memory. In a padding-free row, the model does not run the
-    positions no kept logit reads (each sample's tokens after its last kept position)."""
+    forward's work and most of its memory. In a padding-free row, the prefixes that samples share run
+    once, and the model does not run the positions no kept logit reads (each sample's tokens after its
+    last kept position)."""
     import torch
 
-    segments = inputs.get("segments")
-    if segments is not None and keep.size(0) == 1:
-        needed = segments.read_by(keep[0])
-        if 0 < int(needed.sum()) < needed.numel():
-            inputs = {k: v[:, needed] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            inputs["segments"], keep = segments.narrowed(needed), keep[:, needed]
-    return selected_logits(model(**inputs, logits_to_keep=keep).logits, keep)
+    if inputs.get("segments") is None or keep.size(0) != 1:
+        return selected_logits(model(**inputs, logits_to_keep=keep).logits, keep)
+    rows = None
+    inputs, moved_to = share_prefixes(inputs)
+    if moved_to is not None:
+        kept_at = moved_to[keep[0]]
+        keep = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+        keep[0, kept_at] = True
+        rows = (keep[0].cumsum(0) - 1)[kept_at]  # samples that share a kept position read the same logits
+    needed = inputs["segments"].read_by(keep[0])
+    if 0 < int(needed.sum()) < needed.numel():
+        inputs = _positions(inputs, needed) | {"segments": inputs["segments"].narrowed(needed)}
+        keep = keep[:, needed]
+    logits = selected_logits(model(**inputs, logits_to_keep=keep).logits, keep)
+    return logits if rows is None else logits[rows]
+
+
+def share_prefixes(inputs: dict[str, Any]):
+    """The inputs of a padding-free (1, N) row in which the prefixes its samples share run once, and
+    the (N,) new position of each old one (None, with the inputs as they are, when none is shared)."""
+    from rlhf_cli.models.padding_free import shared_prefixes
+
+    shared = shared_prefixes(inputs["segments"], inputs["input_ids"][0])
+    if shared is None:
+        return inputs, None
+    return _positions(inputs, shared.survivors) | {"segments": shared.segments}, shared.moved_to
+
+
+def _positions(inputs: dict[str, Any], which) -> dict[str, Any]:
+    """The (1, N) tensors of a row's inputs at positions `which` (a mask, or indices in their new order)."""
+    import torch
+
+    return {k: v[:, which] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def selected_logits(logits, keep):

@@ -92,6 +92,120 @@ class Segments:
                          for g in self.groups])
 
 
+@dataclass
+class SharedPrefixes:
+    """A row in which samples that begin with the same tokens run those tokens once.
+
+    Position t of a causal sample holds the same hidden states as position t of any sample that
+    starts with the same t + 1 tokens: each attends only to the tokens before it, at the same position
+    ids. So a shared prefix runs once, every sample that begins with it reads its keys and values
+    there, and the gradients of all those samples add up in it, as they would over their own copies.
+    """
+
+    survivors: torch.Tensor  # (M,) the positions of the old row that the new row keeps, in its order
+    moved_to: torch.Tensor  # (N,) the new position of each old position (for a dropped one, its copy's)
+    segments: Segments
+
+
+def shared_prefixes(segments: Segments, input_ids: torch.Tensor) -> Optional[SharedPrefixes]:
+    """The row that runs once each prefix its samples share; None when no two samples share a token.
+
+    input_ids: (N,) the row's tokens. Two samples of a group share their first t + 1 tokens when they
+    read the same keys before them (none for a causal sample, the same prompt for two responses) and
+    their tokens 0..t are the same. The later of them keeps only the tokens after what it shares, in a
+    group that reads the shared ones as keys. Runs on the host, once a row.
+    """
+    tokens, device = input_ids.cpu(), segments.groups[0].index.device
+    groups = [g.to(torch.device("cpu")) for g in segments.groups]
+    alias = torch.arange(tokens.numel())  # the position each position's copy runs at
+    plans = []
+    for group in groups:
+        outside, outside_valid = _keys_before(group)
+        # Keys lie in earlier groups, whose positions already alias to the copies that run.
+        reads = torch.where(outside_valid, alias[outside], -1)
+        start = torch.unique(reads, dim=0, return_inverse=True)[1] if reads.size(1) else torch.zeros(len(reads), dtype=torch.long)
+        first = _first_sharers(tokens[group.index], group.valid, start)
+        depth = (first != torch.arange(first.size(0))[:, None]).sum(1)  # a sample's shared tokens come first
+        alias[group.index[group.valid]] = group.index.gather(0, first)[group.valid]
+        plans.append((outside, outside_valid, depth))
+    if not any(bool((depth > 0).any()) for _, _, depth in plans):
+        return None
+
+    def parts(group: SampleGroup, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The samples that share nothing, those that share some tokens and own the rest, and the
+        (S, L) mask of the tokens each sample runs itself."""
+        owned = group.valid & (torch.arange(group.index.size(1))[None, :] >= depth[:, None])
+        return (depth == 0).nonzero().squeeze(1), ((depth > 0) & owned.any(1)).nonzero().squeeze(1), owned
+
+    survivors = []
+    for group, (_, _, depth) in zip(groups, plans):
+        unshared, sharing, owned = parts(group, depth)
+        survivors += [group.index[unshared][owned[unshared]], group.index[sharing][owned[sharing]]]
+    survivors = torch.cat(survivors)
+    new_position = torch.zeros_like(alias)
+    new_position[survivors] = torch.arange(survivors.numel())
+    moved_to = new_position[alias]
+
+    new_groups = []
+    for group, (outside, outside_valid, depth) in zip(groups, plans):
+        unshared, sharing, _ = parts(group, depth)
+        if len(unshared):
+            width = int(group.valid[unshared].sum(1).max())  # a sample's tokens come first in its row
+            new_groups.append(SampleGroup(
+                moved_to[group.index[unshared, :width]], group.valid[unshared, :width],
+                None if group.key_index is None else moved_to[group.key_index[unshared]],
+                None if group.mask is None else group.mask[unshared, :, :width]))
+        if len(sharing):
+            new_groups.append(_after_shared_prefix(moved_to[outside[sharing]], outside_valid[sharing],
+                                                   moved_to[group.index[sharing]], group.valid[sharing], depth[sharing]))
+    return SharedPrefixes(survivors.to(device), moved_to.to(device), Segments(new_groups).to(device))
+
+
+def _keys_before(group: SampleGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, E) the keys each sample reads before its own tokens (a response's prompt; none for a causal
+    sample), and where they are real: the keys its first query sees other than itself."""
+    if group.key_index is None:
+        return group.index[:, :0], group.valid[:, :0]
+    sees = group.mask[:, 0, 0, :] & (group.key_index != group.index[:, :1])
+    order = sees.int().argsort(dim=1, descending=True, stable=True)[:, : int(sees.sum(1).max())]
+    return group.key_index.gather(1, order), sees.gather(1, order)
+
+
+def _first_sharers(tokens: torch.Tensor, valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """(S, L) for each sample and offset t, the first sample with the same `start` (what it reads
+    before its tokens) and the same tokens 0..t.
+
+    The prefixes of length t + 1 are told apart by (prefix of length t, token t); the walk stops at the
+    first length where no two samples still agree, as no longer prefix can then be shared."""
+    count, width = tokens.shape
+    samples = torch.arange(count)
+    first = samples[:, None].repeat(1, width)
+    prefix = start
+    for offset in range(width):
+        token = torch.where(valid[:, offset], tokens[:, offset], -1 - samples)  # past a sample's end, its own
+        _, prefix = torch.unique(torch.stack([prefix, token], 1), dim=0, return_inverse=True)
+        first[:, offset] = torch.full((count,), count).scatter_reduce(0, prefix, samples, "amin")[prefix]
+        if bool((first[:, offset] == samples).all()):
+            break
+    return first
+
+
+def _after_shared_prefix(outside: torch.Tensor, outside_valid: torch.Tensor, path: torch.Tensor,
+                         valid: torch.Tensor, depth: torch.Tensor) -> SampleGroup:
+    """Samples whose tokens before offset `depth` run elsewhere: queries from `depth` on, each seeing
+    the keys its sample reads before its tokens (outside (S, E)) and its sample's tokens up to itself.
+    path (S, L): the positions of each sample's tokens in the new row."""
+    count, width = path.shape
+    own = torch.arange(width)[None, :] + depth[:, None]  # the sample's offset of each query
+    own_valid = own < valid.sum(1, keepdim=True)
+    index = torch.where(own_valid, path.gather(1, own.clamp(max=width - 1)), 0)
+    keys = torch.cat([torch.where(outside_valid, outside, 0), torch.where(valid, path, 0)], 1)
+    sees_own = (torch.arange(width)[None, None, :] <= own[:, :, None]) & valid[:, None, :]
+    mask = torch.cat([outside_valid[:, None, :].expand(count, width, -1), sees_own], 2)
+    queries = int((valid.sum(1) - depth).max())
+    return SampleGroup(index[:, :queries], own_valid[:, :queries], keys, mask[:, None, :queries])
+
+
 def segments_from_positions(position_ids: torch.Tensor) -> Segments:
     """The samples of (B, T) position ids that restart at 0 for each sample (and at each row)."""
     flat = position_ids.reshape(-1)

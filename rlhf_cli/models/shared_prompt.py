@@ -22,7 +22,7 @@ import torch
 
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample
-from rlhf_cli.models import backbone, kept_logits, score_head
+from rlhf_cli.models import backbone, kept_logits, score_head, share_prefixes
 from rlhf_cli.models.padding_free import has_segment_attention, prefixed_segments
 
 
@@ -103,8 +103,11 @@ def response_scores(model, batch: PromptResponses) -> torch.Tensor:
     """(R,) scalar output of a sequence-classification model, read at each response's last token."""
     if has_segment_attention(model):
         row = _one_row(batch)
-        hidden = backbone(model)(**row.inputs, use_cache=False).last_hidden_state[0]
+        inputs, moved_to = share_prefixes(row.inputs)
+        hidden = backbone(model)(**inputs, use_cache=False).last_hidden_state[0]
         last = row.layout.gather(1, batch.response_mask.sum(-1, keepdim=True))[:, 0]
+        if moved_to is not None:
+            last = moved_to[last]
         return score_head(model)(hidden[last])[:, 0]
     input_ids, attention_mask = _concatenated(batch)
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0]
