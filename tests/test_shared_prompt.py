@@ -104,8 +104,10 @@ def test_reward_scores_equal_concatenated_rows(segments, checkpointing):
     assert torch.allclose(scores, plain, atol=1e-5)
 
 
-def test_prompts_and_responses_that_begin_alike_run_their_shared_tokens_once():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_prompts_and_responses_that_begin_alike_run_their_shared_tokens_once(checkpointing):
     model = _model(AutoModelForCausalLM)
+    _checkpointed(model, checkpointing)
     batch = collate_responses(ALIKE_PROMPTS, ALIKE_RESPONSES, ALIKE_OWNERS, pad_id=0)
     seen = []
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].numel()))
@@ -119,6 +121,7 @@ def test_prompts_and_responses_that_begin_alike_run_their_shared_tokens_once():
     shared_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
+    _checkpointed(model, False)
     out, rows = _reference_rows(model, ALIKE_PROMPTS, ALIKE_RESPONSES, ALIKE_OWNERS)
     plain, _ = sequence_logprobs(out.logits, rows["input_ids"], rows["loss_mask"])
     (plain * weights).sum().backward()

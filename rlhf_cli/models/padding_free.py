@@ -8,7 +8,9 @@ queries, keys and values into a row of its own, runs SDPA with causal masking th
 padded at its end only, and no real query reaches a later key), and scatters the outputs back to
 their tokens. Position ids restart at 0 for every sample, so RoPE sees each sample as if alone.
 This is the work flash-attention's variable-length kernels do on a GPU, in torch ops that run on
-any device, with SDPA's own kernels.
+any device, with SDPA's own kernels. Samples that begin with the same tokens run them once
+(`shared_prefixes`): the later ones attend to the shared tokens where they run, as a response
+attends to its prompt.
 
 The attention is registered with transformers' AttentionInterface; without `segments` (padded
 batches, generation with a KV cache) it is transformers' SDPA, with SDPA's masks.
