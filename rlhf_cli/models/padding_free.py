@@ -183,9 +183,12 @@ def _first_sharers(tokens: torch.Tensor, valid: torch.Tensor, start: torch.Tenso
     samples = torch.arange(count)
     first = samples[:, None].repeat(1, width)
     prefix = start
+    # (prefix, token) as one integer: a 1-d unique is many times faster than a row-wise one.
+    # Past its end a sample's token is its own number, below every real token.
+    token_range = int(tokens.max()) + count + 1
     for offset in range(width):
-        token = torch.where(valid[:, offset], tokens[:, offset], -1 - samples)  # past a sample's end, its own
-        _, prefix = torch.unique(torch.stack([prefix, token], 1), dim=0, return_inverse=True)
+        token = torch.where(valid[:, offset], tokens[:, offset] + count, samples)
+        _, prefix = torch.unique(prefix * token_range + token, return_inverse=True)
         first[:, offset] = torch.full((count,), count).scatter_reduce(0, prefix, samples, "amin")[prefix]
         if bool((first[:, offset] == samples).all()):
             break
