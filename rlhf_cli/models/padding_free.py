@@ -139,18 +139,15 @@ def shared_prefixes(segments: Segments, input_ids: torch.Tensor) -> Optional[Sha
         owned = group.valid & (torch.arange(group.index.size(1))[None, :] >= depth[:, None])
         return (depth == 0).nonzero().squeeze(1), ((depth > 0) & owned.any(1)).nonzero().squeeze(1), owned
 
-    survivors = []
-    for group, (_, _, depth) in zip(groups, plans):
-        unshared, sharing, owned = parts(group, depth)
-        survivors += [group.index[unshared][owned[unshared]], group.index[sharing][owned[sharing]]]
-    survivors = torch.cat(survivors)
+    splits = [parts(group, depth) for group, (_, _, depth) in zip(groups, plans)]
+    survivors = torch.cat([group.index[rows][owned[rows]] for group, (unshared, sharing, owned) in zip(groups, splits)
+                           for rows in (unshared, sharing)])
     new_position = torch.zeros_like(alias)
     new_position[survivors] = torch.arange(survivors.numel())
     moved_to = new_position[alias]
 
     new_groups = []
-    for group, (outside, outside_valid, depth) in zip(groups, plans):
-        unshared, sharing, _ = parts(group, depth)
+    for group, (outside, outside_valid, depth), (unshared, sharing, _) in zip(groups, plans, splits):
         if len(unshared):
             width = int(group.valid[unshared].sum(1).max())  # a sample's tokens come first in its row
             new_groups.append(SampleGroup(
