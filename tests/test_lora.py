@@ -21,13 +21,17 @@ IDS = [[5, 6, 7, 8, 9]]
 @pytest.fixture
 def reference_loads(monkeypatch):
     """Counts the reference models loaded from disk (load_reference's own load_causal_lm calls)."""
+    import inspect
+
     import rlhf_cli.models as models
 
     calls = []
     original = models.load_causal_lm
 
     def counting(*args, **kwargs):
-        calls.append(args)
+        # A stage module first imported after this patch takes it too: count load_reference's calls alone.
+        if inspect.currentframe().f_back.f_code.co_name == "load_reference":
+            calls.append(args)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(models, "load_causal_lm", counting)

@@ -200,3 +200,40 @@ def test_offloaded_frozen_models_go_back_to_cpu_after_each_use(rlhf, tmp_path, r
     assert to_cpu.count(("LlamaForSequenceClassification", "cpu")) >= 3
     assert to_cpu.count(("LlamaForCausalLM", "cpu")) >= 3
     assert len(to_cpu) > len([m for m in kept if m[1] == "cpu"])
+
+
+@pytest.mark.parametrize("kind", ["separate", "head"])
+def test_actor_and_critic_read_a_step_as_one_padding_free_row_with_the_values_of_padded_rows(kind):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_cli.algos.losses import token_logprobs
+    from rlhf_cli.models.shared_prompt import collate_responses
+    from rlhf_cli.stages.ppo import ActorCritic
+    from tests.test_shared_prompt import ALIKE_PROMPTS, ALIKE_RESPONSES, _model
+
+    def models(segments: bool) -> ActorCritic:
+        critic = _model(AutoModelForSequenceClassification, segments, num_labels=1) if kind == "separate" else None
+        pair = ActorCritic(_model(AutoModelForCausalLM, segments), critic)
+        if critic is None:
+            torch.nn.init.normal_(pair.value_head.weight)  # a fresh head is zero: every value would agree
+        return pair
+
+    prompts = ALIKE_PROMPTS + ALIKE_PROMPTS[:2] + [[40, 41, 42, 43]] * 2  # one response per prompt, as PPO samples
+    responses = ALIKE_RESPONSES
+    batch = collate_responses(prompts, responses, list(range(len(responses))), pad_id=0)
+    mask = batch.response_mask[:, 1:]
+    one_row, padded = models(True), models(False)
+    padded.load_state_dict(one_row.state_dict())
+    embedded = []
+    one_row.actor.get_input_embeddings().register_forward_hook(lambda module, args, output: embedded.append(args[0].shape))
+    logits, values = one_row.logits_and_values(batch)
+    padded_logits, padded_values = padded.logits_and_values(batch)
+    # One row, shorter than the prompts and responses end to end (shared openings run once, last tokens not at all).
+    assert len(embedded) == 1 and embedded[0][0] == 1
+    assert embedded[0][1] < sum(map(len, prompts)) + sum(len(r) - 1 for r in responses)
+    torch.testing.assert_close(token_logprobs(logits, batch.input_ids)[mask], token_logprobs(padded_logits, batch.input_ids)[mask],
+                               atol=1e-5, rtol=1e-5)
+    assert values.shape == mask.shape
+    torch.testing.assert_close(values[mask], padded_values[mask], atol=1e-5, rtol=1e-5)
+    assert values[mask].std() > 0

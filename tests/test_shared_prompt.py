@@ -7,9 +7,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf_cli.algos.losses import sequence_logprobs, token_logprobs
-from rlhf_cli.models import TINY_DIR
+from rlhf_cli.models import TINY_DIR, backbone
 from rlhf_cli.models.padding_free import use_segment_attention
-from rlhf_cli.models.shared_prompt import collate_responses, response_logits, response_scores
+from rlhf_cli.models.shared_prompt import collate_responses, response_logits, response_outputs, response_scores, response_values
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
 RESPONSES = [[20, 21, 2], [22, 2], [23, 24, 25, 26, 2], [27, 2], [28, 29, 2], [30, 31, 32, 2], [33, 2]]
@@ -133,3 +133,51 @@ def test_prompts_and_responses_that_begin_alike_run_their_shared_tokens_once(che
     scores = response_scores(scorer, batch)
     torch.testing.assert_close(scores, _reference_rows(scorer, ALIKE_PROMPTS, ALIKE_RESPONSES, ALIKE_OWNERS)[0].logits[:, 0],
                                atol=1e-5, rtol=1e-5)
+
+
+def _before_each_response_token(model, prompts, responses, owners):
+    """(R, Tr, H) the last hidden states of concatenated rows at the position before each response token (0 past its end)."""
+    rows = _reference_rows(model, prompts, responses, owners)[1]
+    hidden = backbone(model)(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).last_hidden_state
+    picked = torch.zeros(len(responses), max(len(r) for r in responses), hidden.size(-1))
+    for row, (response, owner) in enumerate(zip(responses, owners)):
+        start = len(prompts[owner]) - 1
+        picked[row, : len(response)] = hidden[row, start : start + len(response)]
+    return picked
+
+
+@pytest.mark.parametrize("segments", [True, False], ids=["one-row", "rows"])
+@pytest.mark.parametrize("prompts, responses, owners", [(PROMPTS, RESPONSES, OWNERS), (ALIKE_PROMPTS, ALIKE_RESPONSES, ALIKE_OWNERS)],
+                         ids=["distinct", "alike"])
+def test_values_and_hidden_states_before_each_response_token_equal_concatenated_rows(segments, prompts, responses, owners):
+    batch = collate_responses(prompts, responses, owners, pad_id=0)
+    mask = batch.response_mask[:, 1:]
+    critic = _model(AutoModelForSequenceClassification, segments, num_labels=1)
+    values = response_values(critic, batch)
+    plain = critic.score(_before_each_response_token(critic, prompts, responses, owners)).squeeze(-1)
+    assert values.shape == plain.shape
+    torch.testing.assert_close(values[mask], plain[mask], atol=1e-5, rtol=1e-5)
+    # Every value's gradient reaches the critic's body through its prompt and earlier tokens.
+    weights = torch.randn_like(values) * mask
+    (values * weights).sum().backward()
+    grads = [p.grad.clone() for p in critic.parameters()]
+    critic.zero_grad()
+    (plain * weights).sum().backward()
+    for a, p in zip(grads, critic.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+    actor = _model(AutoModelForCausalLM, segments)
+    logits, hidden = response_outputs(actor, batch, hidden_states=True)
+    plain_hidden = _before_each_response_token(actor, prompts, responses, owners)
+    torch.testing.assert_close(hidden[:, :-1][mask], plain_hidden[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, response_logits(actor, batch))
+    assert response_outputs(actor, batch)[1] is None
+
+
+def test_selected_responses_keep_only_the_prompts_they_follow():
+    batch = collate_responses(PROMPTS, RESPONSES, OWNERS, pad_id=0)
+    picked = batch.rows(torch.tensor([5, 1, 4]))  # responses of prompts 2, 1, 1
+    assert picked.prompt_ids.tolist() == batch.prompt_ids[[1, 2]].tolist()
+    assert picked.owners.tolist() == [1, 0, 0]
+    assert picked.input_ids.tolist() == batch.input_ids[[5, 1, 4]].tolist()
+    assert picked.num_tokens == len(PROMPTS[2]) + len(RESPONSES[5]) + 2 * len(PROMPTS[1]) + len(RESPONSES[1]) + len(RESPONSES[4])

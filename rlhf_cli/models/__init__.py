@@ -404,23 +404,49 @@ def kept_logits(model, inputs: dict[str, Any], keep):
     forward's work and most of its memory. In a padding-free row, the prefixes that samples share run
     once, and the model does not run the positions no kept logit reads (each sample's tokens after its
     last kept position)."""
+    return kept_outputs(model, inputs, keep)[0]
+
+
+def kept_outputs(model, inputs: dict[str, Any], keep, hidden_states: bool = False):
+    """kept_logits, and with `hidden_states` the (K, H) last hidden states at the same positions from
+    the same forward (a value head's input); None without it."""
+    inputs, keep, rows = _kept_row(inputs, keep)
+    output = model(**inputs, logits_to_keep=keep, output_hidden_states=hidden_states)
+    logits = selected_logits(output.logits, keep)
+    hidden = output.hidden_states[-1][keep] if hidden_states else None
+    if rows is None:
+        return logits, hidden
+    return logits[rows], None if hidden is None else hidden[rows]
+
+
+def kept_hidden_states(body, inputs: dict[str, Any], keep):
+    """(K, H) last hidden states of a transformer body (`backbone`) at the True positions of keep (B, T),
+    with kept_logits' savings in a padding-free row."""
+    inputs, keep, rows = _kept_row(inputs, keep)
+    hidden = body(**inputs).last_hidden_state[keep]
+    return hidden if rows is None else hidden[rows]
+
+
+def _kept_row(inputs: dict[str, Any], keep):
+    """The inputs and keep mask that compute the kept positions of a padding-free (1, N) row with its
+    shared prefixes run once and the positions no kept one reads left out, and the index that puts
+    the kept positions back in keep's order (None when they are in it). Other batches stay as they are."""
     import torch
 
     if inputs.get("segments") is None or keep.size(0) != 1:
-        return selected_logits(model(**inputs, logits_to_keep=keep).logits, keep)
+        return inputs, keep, None
     rows = None
     inputs, moved_to = share_prefixes(inputs)
     if moved_to is not None:
         kept_at = moved_to[keep[0]]
         keep = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         keep[0, kept_at] = True
-        rows = (keep[0].cumsum(0) - 1)[kept_at]  # samples that share a kept position read the same logits
+        rows = (keep[0].cumsum(0) - 1)[kept_at]  # samples that share a kept position read the same outputs
     needed = inputs["segments"].read_by(keep[0])
     if 0 < int(needed.sum()) < needed.numel():
         inputs = _positions(inputs, needed) | {"segments": inputs["segments"].narrowed(needed)}
         keep = keep[:, needed]
-    logits = selected_logits(model(**inputs, logits_to_keep=keep).logits, keep)
-    return logits if rows is None else logits[rows]
+    return inputs, keep, rows
 
 
 def share_prefixes(inputs: dict[str, Any]):

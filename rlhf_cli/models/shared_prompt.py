@@ -22,7 +22,7 @@ import torch
 
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample
-from rlhf_cli.models import backbone, kept_logits, score_head, share_prefixes
+from rlhf_cli.models import backbone, kept_hidden_states, kept_outputs, score_head, share_prefixes
 from rlhf_cli.models.padding_free import has_segment_attention, prefixed_segments
 
 
@@ -48,6 +48,12 @@ class PromptResponses:
     def num_tokens(self) -> int:
         """Tokens of the prompt + response rows this batch stands for."""
         return int(self.prompt_mask.sum(-1)[self.owners].sum() + self.response_mask.sum())
+
+    def rows(self, selected: torch.Tensor) -> "PromptResponses":
+        """The responses `selected` (indices) and only the prompts they follow."""
+        prompts, owners = torch.unique(self.owners[selected], return_inverse=True)
+        return PromptResponses(self.prompt_ids[prompts], self.prompt_mask[prompts], owners, self.input_ids[selected],
+                               self.response_mask[selected], self.loss_mask[selected], self.pad_id)
 
     def to(self, device: Any) -> "PromptResponses":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -82,21 +88,62 @@ def right_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 def response_logits(model, batch: PromptResponses) -> torch.Tensor:
     """Logits (R, 1 + Tr, V) in `batch`'s layout: position t scores batch.input_ids[:, t + 1], so that
     `token_logprobs(logits, batch.input_ids)` gives every response token's log-probability."""
+    return response_outputs(model, batch)[0]
+
+
+def response_outputs(model, batch: PromptResponses, hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """response_logits, and with `hidden_states` the (R, 1 + Tr, H) last hidden states at the same
+    positions from the same forward (a value head's input: the state before each response token)."""
     if has_segment_attention(model):
         row = _one_row(batch)
-        # Logits only where they score a response token: not at a prompt's earlier tokens, and not at a
-        # response's last token, which then does not run at all. The layout's other positions (they
-        # score padding) take a neighbour's logits.
-        keep = torch.zeros_like(row.inputs["input_ids"], dtype=torch.bool)
-        keep[0, row.layout[:, :-1][batch.response_mask[:, 1:]]] = True
-        logits = kept_logits(model, row.inputs | {"use_cache": False}, keep)
-        return logits[(keep[0].cumsum(0)[row.layout] - 1).clamp(min=0)]
+        keep = _scoring_positions(row, batch)
+        logits, hidden = kept_outputs(model, row.inputs | {"use_cache": False}, keep, hidden_states)
+        at = _in_layout(row, keep)
+        return logits[at], None if hidden is None else hidden[at]
     input_ids, attention_mask = _concatenated(batch)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    # Row r's response starts after its prompt: the logits that score it start one position earlier.
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden_states)
+    positions = _response_positions(batch, output.logits.size(1))
+    return _gathered(output.logits, positions), _gathered(output.hidden_states[-1], positions) if hidden_states else None
+
+
+def response_values(critic, batch: PromptResponses) -> torch.Tensor:
+    """(R, Tr) a sequence-classification model's scalar head on its hidden state before each response
+    token (PPO's critic: the value of the state that token is chosen in), in batch.input_ids[:, 1:]'s layout."""
+    body, head = backbone(critic), score_head(critic, "critic")
+    if has_segment_attention(critic):
+        row = _one_row(batch)
+        keep = _scoring_positions(row, batch)
+        hidden = kept_hidden_states(body, row.inputs | {"use_cache": False}, keep)[_in_layout(row, keep)]
+    else:
+        input_ids, attention_mask = _concatenated(batch)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = _gathered(hidden, _response_positions(batch, hidden.size(1)))
+    return head(hidden[:, :-1]).squeeze(-1).float()
+
+
+def _scoring_positions(row: "_Row", batch: PromptResponses) -> torch.Tensor:
+    """(1, N) True at the row positions that score a response token: not at a prompt's earlier tokens,
+    and not at a response's last token, which then does not run at all."""
+    keep = torch.zeros_like(row.inputs["input_ids"], dtype=torch.bool)
+    keep[0, row.layout[:, :-1][batch.response_mask[:, 1:]]] = True
+    return keep
+
+
+def _in_layout(row: "_Row", keep: torch.Tensor) -> torch.Tensor:
+    """(R, 1 + Tr) the index of each layout position among the kept ones; the layout's other positions
+    (they score padding) take a neighbour's."""
+    return (keep[0].cumsum(0)[row.layout] - 1).clamp(min=0)
+
+
+def _response_positions(batch: PromptResponses, width: int) -> torch.Tensor:
+    """(R, 1 + Tr) the positions of batch's layout in its concatenated rows: row r's response starts
+    after its prompt, so the outputs that score it start one position earlier."""
     starts = batch.prompt_mask.sum(-1)[batch.owners] - 1
-    positions = (starts[:, None] + torch.arange(batch.input_ids.size(1), device=starts.device)).clamp(max=logits.size(1) - 1)
-    return logits.gather(1, positions[:, :, None].expand(-1, -1, logits.size(-1)))
+    return (starts[:, None] + torch.arange(batch.input_ids.size(1), device=starts.device)).clamp(max=width - 1)
+
+
+def _gathered(per_position: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return per_position.gather(1, positions[:, :, None].expand(-1, -1, per_position.size(-1)))
 
 
 def response_scores(model, batch: PromptResponses) -> torch.Tensor:

@@ -9,9 +9,10 @@ returns; then `ppo.epochs` passes over shuffled mini-batches, each an optimizer 
 (clipped surrogate, entropy bonus) and the critic (clipped value loss).
 
 Values and log-probabilities live in "response space": (B, R) tensors whose row b holds the
-response tokens of sequence b first, gathered from the (B, T - 1) next-token positions of a
-right-padded prompt + response batch: response token i of a prompt of length P is predicted at
-position P + i - 1, where the critic's value is read too (the value of the state before the token).
+response tokens of sequence b first. The models read a step's prompts and responses as the other
+stages do (rlhf_cli/models/shared_prompt.py): one padding-free row, the LM head and the critic's head
+only at the positions that predict a response token, where the critic's value is read too (the value
+of the state before the token).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from rlhf_cli.algos.policy import (
     token_rewards,
     update_moments,
 )
-from rlhf_cli.data.batches import StepBatches, collate
+from rlhf_cli.data.batches import StepBatches
 from rlhf_cli.data.formats import PromptExample
 from rlhf_cli.data.sources import load_rows
-from rlhf_cli.data.tokenize import EncodedPrompt, TokenizedSample, encode_prompts, stop_token_ids
+from rlhf_cli.data.tokenize import EncodedPrompt, encode_prompts, stop_token_ids
 from rlhf_cli import distributed
 from rlhf_cli.engine import NonFiniteSteps, make_engine
 from rlhf_cli.engine.zero import frozen_for_inference
@@ -52,16 +53,15 @@ from rlhf_cli.evaluation import exact_match_rate, greedy_texts, load_answer_exam
 from rlhf_cli.metrics import MetricsLogger, Throughput
 from rlhf_cli.models import (
     apply_lora,
-    backbone,
     count_parameters,
     default_device,
-    forward_inputs,
     load_causal_lm,
     load_reference,
     load_reward_model,
     load_tokenizer,
     score_head,
 )
+from rlhf_cli.models.shared_prompt import PromptResponses, collate_responses, response_logits, response_outputs, response_values
 from rlhf_cli.rewards import RewardModel
 from rlhf_cli.rollout import make_sampler, row_seeds
 from rlhf_cli.runs import RunDir
@@ -96,14 +96,15 @@ class ActorCritic(torch.nn.Module):
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
 
-    def logits_and_values(self, batch: dict[str, torch.Tensor], train_actor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, V) actor logits and (B, T) values. With `train_actor` off the actor runs without a
-        graph, so the value loss reaches the critic (or the value head) only."""
+    def logits_and_values(self, batch: PromptResponses, train_actor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1 + R, V) actor logits in `batch`'s layout (`response_logits`) and (B, R) the value before
+        each response token. With `train_actor` off the actor runs without a graph, so the value loss
+        reaches the critic (or the value head) only."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and train_actor):
-            output = self.actor(**forward_inputs(batch), output_hidden_states=self.critic is None)
+            logits, hidden = response_outputs(self.actor, batch, hidden_states=self.critic is None)
         if self.critic is not None:
-            return output.logits, token_values(self.critic, batch)
-        return output.logits, self.value_head(output.hidden_states[-1]).squeeze(-1).float()
+            return logits, response_values(self.critic, batch)
+        return logits, self.value_head(hidden[:, :-1]).squeeze(-1).float()
 
 
 class ActorCriticEngine:
@@ -156,8 +157,7 @@ class ActorCriticEngine:
 class Rollouts:
     """One step's sampled responses, scored, with everything the updates need (response space)."""
 
-    batch: dict[str, torch.Tensor]  # right-padded prompt + response rows
-    index: torch.Tensor  # (B, R) next-token positions of each response token
+    batch: PromptResponses  # each prompt, then its response
     mask: torch.Tensor  # (B, R) 1.0 on response tokens
     old_logprobs: torch.Tensor
     old_values: torch.Tensor
@@ -165,8 +165,8 @@ class Rollouts:
     returns: torch.Tensor
 
     def rows(self, selected: torch.Tensor) -> "Rollouts":
-        return Rollouts({k: v[selected] for k, v in self.batch.items()},
-                        *(t[selected] for t in (self.index, self.mask, self.old_logprobs, self.old_values, self.advantages, self.returns)))
+        return Rollouts(self.batch.rows(selected),
+                        *(t[selected] for t in (self.mask, self.old_logprobs, self.old_values, self.advantages, self.returns)))
 
 
 def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
@@ -260,7 +260,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 rollouts, stats = _rollout(step_prompts, sampler, score, normalise, models, reference, tokenizer,
                                            stop_ids, cfg, engine.kl_coef, device,
                                            seeds=row_seeds(cfg.train.seed, step, batches.first_position(0), len(step_prompts)))
-            throughput.add(int(rollouts.batch["attention_mask"].sum()))
+            throughput.add(rollouts.batch.num_tokens)
             lr = engine.actor.lr
             train_actor = step >= p.critic_warmup_steps
             stats = {name: distributed.mean(value) for name, value in stats.items()}  # equal shares of the step's prompts
@@ -319,12 +319,6 @@ def _load_critic(cfg: Any, path: str, tokenizer) -> torch.nn.Module:
     return critic
 
 
-def token_values(critic: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T) the critic's value at every position: its scalar head on every hidden state, not just the last."""
-    hidden = backbone(critic)(**forward_inputs(batch)).last_hidden_state
-    return score_head(critic, "critic")(hidden).squeeze(-1).float()
-
-
 def _reward_stats(reward_path: str) -> dict[str, float] | None:
     manifest = RunDir(Path(reward_path).parent).read_manifest() or {}
     stats = manifest.get("reward_stats")
@@ -346,21 +340,14 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: Ac
     ended = torch.tensor([bool(r) and r[-1] in stop_ids for r in responses])
     scores = scores - p.missing_eos_penalty * (~ended).float()
 
-    rows = [TokenizedSample(prompt.ids + response, [False] * len(prompt.ids) + [True] * len(response), prompt.example.where)
-            for prompt, response in zip(prompts, responses)]
-    batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
-    width = max(len(r) for r in responses)
-    offsets = torch.arange(width)
-    index = torch.tensor([len(prompt.ids) - 1 for prompt in prompts])[:, None] + offsets
-    mask = (offsets < torch.tensor([len(r) for r in responses])[:, None]).float()
-    index = index.clamp(max=batch["input_ids"].size(1) - 2).to(device)
-    mask = mask.to(device)
+    batch = collate_responses([prompt.ids for prompt in prompts], responses, list(range(len(prompts))), tokenizer.pad_token_id).to(device)
+    mask = batch.response_mask[:, 1:].float()
 
     temperature = cfg.rollout.temperature
     logits, values = models.logits_and_values(batch)
-    logprobs = token_logprobs(logits / temperature, batch["input_ids"]).gather(1, index)
-    ref_logprobs = token_logprobs(reference(**forward_inputs(batch)).logits / temperature, batch["input_ids"]).gather(1, index)
-    values = values.gather(1, index) * mask
+    logprobs = token_logprobs(logits / temperature, batch.input_ids)
+    ref_logprobs = token_logprobs(response_logits(reference, batch) / temperature, batch.input_ids)
+    values = values * mask
     kl = (logprobs - ref_logprobs) * mask
     rewards = token_rewards(scores.to(device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
@@ -373,7 +360,7 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: Ac
         "returns/mean": float(distributed.total((returns * mask).sum()) / distributed.total(mask.sum()).clamp(min=1)),
         "value/explained_variance": explained_variance(values, returns, mask, total=distributed.total),
     }
-    return Rollouts(batch, index, mask, logprobs, values, advantages, returns), stats
+    return Rollouts(batch, mask, logprobs, values, advantages, returns), stats
 
 
 def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, cfg: Any, train_actor: bool, seed: int) -> dict[str, float]:
@@ -397,11 +384,11 @@ def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, 
             with engine.actor.autocast():
                 logits, values = models.logits_and_values(mini.batch, train_actor)
             logits = logits.float() / cfg.rollout.temperature
-            logprobs = token_logprobs(logits, mini.batch["input_ids"]).gather(1, mini.index)
+            logprobs = token_logprobs(logits, mini.batch.input_ids)
             policy_loss, clipped = clipped_surrogate(logprobs, mini.old_logprobs, mini.advantages, p.clip_range, p.clip_range)
             policy_loss = masked_mean(policy_loss, mini.mask)
-            entropy = masked_mean(entropy_from_logits(logits[:, :-1].float()).gather(1, mini.index), mini.mask)
-            value_loss = masked_mean(clipped_value_loss(values.gather(1, mini.index), mini.old_values, mini.returns, p.value_clip), mini.mask)
+            entropy = masked_mean(entropy_from_logits(logits[:, :-1]), mini.mask)
+            value_loss = masked_mean(clipped_value_loss(values, mini.old_values, mini.returns, p.value_clip), mini.mask)
             actor_loss = policy_loss - p.entropy_coef * entropy
             if engine.critic is None:  # one model: a single loss and step (the value head alone while it warms up)
                 engine.actor.backward(share * ((actor_loss if train_actor else 0.0) + p.value_coef * value_loss))
