@@ -1,9 +1,10 @@
 """Generation behind one small interface: token-id prompts in, token-id completions out.
 
 The default engine decodes with the model's KV cache: each distinct prompt runs once (a GRPO group
-repeats its prompt G times), its keys and values are shared by the rows that continue it, and the
-rows decode together until every one has produced a stop token or max_new_tokens. Completions are
-cut after their first stop token (kept, since it was generated) and carry no padding.
+repeats its prompt G times), and so does each distinct continuation of it, until the rows that
+share it draw different tokens; rows decode together until every one has produced a stop token or
+max_new_tokens, and a row that stopped runs no further. Completions are cut after their first stop
+token (kept, since it was generated) and carry no padding.
 
 The RL stages sample through a `Sampler` made by `make_sampler` from the `rollout` keys. The `hf`
 engine samples from the training module itself; an engine with its own copy of the weights (vLLM)
@@ -60,31 +61,42 @@ def generate(
 
 
 def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, stop_ids: set[int], pick) -> list[list[int]]:
-    """One batch of rows decoded together; `pick` turns each step's (rows, vocab) logits into token ids."""
+    """One batch of rows decoded together; `pick` turns each step's (rows, vocab) logits into token ids.
+
+    The model runs each distinct history once: rows that continue the same prompt with the same tokens
+    so far read the same keys, values and logits (a GRPO group starts as one, and a trained policy's
+    group often agrees on much of its completions). Each row still draws its own token from those
+    logits; a history splits where its rows' draws differ, and ends where they stop."""
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
-    owners = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-    prompt_ids, prompt_mask = (t.to(device) for t in right_padded([list(p) for p in distinct], pad_id))
-    prompt_lengths = prompt_mask.sum(-1)
+    history = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    prompt_ids, attention = (t.to(device) for t in right_padded([list(p) for p in distinct], pad_id))
+    lengths = attention.sum(-1)
     # The LM head runs at each prompt's last token alone: with a real vocabulary, logits at every
     # prompt token would be a large share of the prefill's work and most of its memory.
-    last_token = F.one_hot(prompt_lengths - 1, prompt_ids.size(1)).bool()
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=last_token)
+    last_token = F.one_hot(lengths - 1, prompt_ids.size(1)).bool()
+    out = model(input_ids=prompt_ids, attention_mask=attention, use_cache=True, logits_to_keep=last_token)
     cache_name, cache = kv_cache(out)
-    cache.batch_select_indices(owners)
-    logits = selected_logits(out.logits, last_token)[owners]
-    lengths, attention = prompt_lengths[owners], prompt_mask[owners]
+    logits = selected_logits(out.logits, last_token)
+    vocab = logits.size(-1)
     stops = torch.tensor(sorted(stop_ids), device=device)
     stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens = []
     for step in range(max_new_tokens):
-        next_ids = pick(logits).masked_fill(stopped, pad_id)
+        next_ids = pick(logits[history]).masked_fill(stopped, pad_id)
         tokens.append(next_ids)
         stopped |= torch.isin(next_ids, stops)
         if step + 1 == max_new_tokens or bool(stopped.all()):
             break
+        running = ~stopped
+        continued, history_of_running = torch.unique(history[running] * vocab + next_ids[running], return_inverse=True)
+        parents = continued // vocab
+        if len(parents) != len(lengths) or not torch.equal(parents, torch.arange(len(lengths), device=device)):
+            cache.batch_select_indices(parents)
+            attention, lengths = attention[parents], lengths[parents]
+        history = torch.zeros_like(history).masked_scatter(running, history_of_running)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = model(input_ids=next_ids[:, None], attention_mask=attention, position_ids=(lengths + step)[:, None],
+        out = model(input_ids=(continued % vocab)[:, None], attention_mask=attention, position_ids=(lengths + step)[:, None],
                     use_cache=True, **{cache_name: cache})
         logits = out.logits[:, -1]
     return [_cut_at_stop(row, stop_ids) for row in torch.stack(tokens, dim=1).tolist()]

@@ -79,4 +79,25 @@ def test_the_prefill_runs_the_lm_head_at_each_distinct_prompts_last_token_alone(
     model.get_output_embeddings().register_forward_hook(lambda module, args, output: heads.append(args[0].shape[:-1]))
     generate(model, prompts, max_new_tokens=3, pad_id=tokenizer.pad_token_id, stop_ids=set(), batch_size=4)
     assert heads[0] == (2,)  # two distinct prompts, one position each
-    assert all(shape == (4, 1) for shape in heads[1:])  # then one position per row and step
+    assert heads[1:] == [(2, 1)] * 2  # greedy copies of a prompt continue alike: they run as one row
+
+
+def test_decoding_runs_each_distinct_unfinished_history_once():
+    tokenizer, model = _tiny()
+    prompts = [tokenizer.encode("12+7=")] * 4 + [tokenizer.encode("Q: 3*4=")] * 4
+    rows_run = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, output: rows_run.append(args[0].shape[0]))
+    stop_ids = {tokenizer.eos_token_id, 101, 122}  # tokens this untrained model draws, so that some rows stop early
+    # A low temperature: rows of a prompt agree for a while, then part.
+    seeds = row_seeds(2, step=0, first_row=0, count=8)
+    completions = generate(model, prompts, max_new_tokens=8, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids,
+                           batch_size=8, temperature=0.1, seeds=seeds)
+    owners = [0] * 4 + [1] * 4
+    expected = [len({(owner, tuple(c[:k])) for owner, c in zip(owners, completions) if len(c) > k and c[k - 1] not in stop_ids})
+                for k in range(1, max(map(len, completions)))]
+    assert rows_run == [2] + expected
+    assert min(map(len, completions)) < 8 and max(expected) < 8  # some rows stopped, and some shared a history
+    assert len({tuple(c) for c in completions[:4]}) > 1  # and some parted
+    alone = [generate(model, [prompt], max_new_tokens=8, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids, batch_size=1,
+                      temperature=0.1, seeds=[seed])[0] for prompt, seed in zip(prompts, seeds)]
+    assert completions == alone
