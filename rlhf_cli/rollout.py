@@ -66,7 +66,8 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, s
     The model runs each distinct history once: rows that continue the same prompt with the same tokens
     so far read the same keys, values and logits (a GRPO group starts as one, and a trained policy's
     group often agrees on much of its completions). Each row still draws its own token from those
-    logits; a history splits where its rows' draws differ, and ends where they stop."""
+    logits; a history splits where its rows' draws differ, and while rows share, one that stops
+    leaves the batch."""
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
     history = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
@@ -78,25 +79,34 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, s
     out = model(input_ids=prompt_ids, attention_mask=attention, use_cache=True, logits_to_keep=last_token)
     cache_name, cache = kv_cache(out)
     logits = selected_logits(out.logits, last_token)
+    if len(distinct) == len(prompts):
+        history = None  # row i is entry i of the cache and of the logits
     vocab = logits.size(-1)
     stops = torch.tensor(sorted(stop_ids), device=device)
     stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens = []
     for step in range(max_new_tokens):
-        next_ids = pick(logits[history]).masked_fill(stopped, pad_id)
+        next_ids = pick(logits if history is None else logits[history]).masked_fill(stopped, pad_id)
         tokens.append(next_ids)
         stopped |= torch.isin(next_ids, stops)
         if step + 1 == max_new_tokens or bool(stopped.all()):
             break
-        running = ~stopped
-        continued, history_of_running = torch.unique(history[running] * vocab + next_ids[running], return_inverse=True)
-        parents = continued // vocab
-        if len(parents) != len(lengths) or not torch.equal(parents, torch.arange(len(lengths), device=device)):
-            cache.batch_select_indices(parents)
-            attention, lengths = attention[parents], lengths[parents]
-        history = torch.zeros_like(history).masked_scatter(running, history_of_running)
+        continued = next_ids
+        # Histories never merge: once every row has its own, they go on as they are, a stopped row
+        # running on as padding (leaving it out would copy the cache, which costs more than its row).
+        if history is not None:
+            running = ~stopped
+            keys, history = torch.unique(history[running] * vocab + next_ids[running], return_inverse=True)
+            if len(keys) == len(prompts):  # every row running and alone: the cache in row order from here on
+                keys, history = keys[history], None
+            parents, continued = keys // vocab, keys % vocab
+            if len(parents) != len(lengths) or not torch.equal(parents, torch.arange(len(lengths), device=device)):
+                cache.batch_select_indices(parents)
+                attention, lengths = attention[parents], lengths[parents]
+            if history is not None:
+                history = torch.zeros_like(next_ids).masked_scatter(running, history)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = model(input_ids=(continued % vocab)[:, None], attention_mask=attention, position_ids=(lengths + step)[:, None],
+        out = model(input_ids=continued[:, None], attention_mask=attention, position_ids=(lengths + step)[:, None],
                     use_cache=True, **{cache_name: cache})
         logits = out.logits[:, -1]
     return [_cut_at_stop(row, stop_ids) for row in torch.stack(tokens, dim=1).tolist()]
