@@ -19,6 +19,10 @@ models run (every embedding lookup: padding, a prompt run once per response, gen
 per training token, and of those the ones in forward passes kept for a backward. Two sides with the
 same positions per token differ only in how fast they run them.
 
+The table's ours/TRL is the ratio of the two sides' medians; in brackets, the lowest and highest
+ratio within one repetition (the two sides' runs next to each other), which shows how far the
+machine moved during the invocation.
+
 The first-step loss is compared in separate one-step runs (the formulas are the same for sft,
 train-rm and dpo; grpo samples different completions on each side, so its loss is not compared);
 the benchmark fails when they differ by more than LOSS_TOLERANCE.
@@ -380,8 +384,12 @@ def summarise(model: str, stage: str, runs: dict, loss: dict, models: Path, peak
         mean_length = run["tokens"] / (BATCH[stage] * (run["steps"] - warmup))
         row[f"{side}_mfu"] = row[f"{side}_tps"] * flops_per_token(models, mean_length) / peak if stage == "sft" else None
     row["loss_ours"], row["loss_trl"] = loss["ours"], loss["trl"]
+    # How far one repetition's pair (the two sides' runs next to each other) strays from the medians' ratio.
+    pairs = [(o["tokens"] / o["seconds"]) / (t["tokens"] / t["seconds"]) for o, t in zip(runs["ours"], runs["trl"])]
+    row["pair_ratios"] = (min(pairs), max(pairs))
     row["line"] = (f"{model} {stage}: ours {row['ours_tps']:.0f} tok/s {row['ours_mib']:.0f} MiB; "
-                   f"TRL {row['trl_tps']:.0f} tok/s {row['trl_mib']:.0f} MiB; ratio {row['ours_tps'] / row['trl_tps']:.2f}x")
+                   f"TRL {row['trl_tps']:.0f} tok/s {row['trl_mib']:.0f} MiB; ratio {row['ours_tps'] / row['trl_tps']:.2f}x "
+                   f"(pairs {min(pairs):.2f}-{max(pairs):.2f}x)")
     return row
 
 
@@ -389,7 +397,7 @@ def print_table(rows: list[dict]) -> None:
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    print("\n| model | stage | ours tok/s | TRL tok/s | ours/TRL | ours MiB | TRL MiB | first loss ours / TRL "
+    print("\n| model | stage | ours tok/s | TRL tok/s | ours/TRL (pairs) | ours MiB | TRL MiB | first loss ours / TRL "
           "| ours gen tok/s (rollout share) | TRL gen tok/s (rollout share) | sft FLOP/s of matmul peak, ours / TRL "
           "| positions run per token (with grad), ours / TRL |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -398,7 +406,7 @@ def print_table(rows: list[dict]) -> None:
         gen = {side: "-" if r[f"{side}_gen_tps"] is None else f"{r[f'{side}_gen_tps']:.0f} ({r[f'{side}_rollout_share']:.0%})"
                for side in ("ours", "trl")}
         print(f"| {r['model']} | {r['stage']} | {r['ours_tps']:.0f} | {r['trl_tps']:.0f} | {r['ours_tps'] / r['trl_tps']:.2f}x "
-              f"| {r['ours_mib']:.0f} | {r['trl_mib']:.0f} | {loss} | {gen['ours']} | {gen['trl']} "
+              f"({r['pair_ratios'][0]:.2f}-{r['pair_ratios'][1]:.2f}) | {r['ours_mib']:.0f} | {r['trl_mib']:.0f} | {loss} | {gen['ours']} | {gen['trl']} "
               f"| {fmt(r['ours_mfu'], '.0%')} / {fmt(r['trl_mfu'], '.0%')} "
               f"| {r['ours_positions']:.2f} ({r['ours_trained_positions']:.2f}) / {r['trl_positions']:.2f} ({r['trl_trained_positions']:.2f}) |")
 
