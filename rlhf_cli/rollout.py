@@ -3,8 +3,8 @@
 The default engine decodes with the model's KV cache: each distinct prompt runs once (a GRPO group
 repeats its prompt G times), and so does each distinct continuation of it, until the rows that
 share it draw different tokens; rows decode together until every one has produced a stop token or
-max_new_tokens, and a row that stopped runs no further. Completions are cut after their first stop
-token (kept, since it was generated) and carry no padding.
+max_new_tokens (while rows share, a row that stopped runs no further). Completions are cut after
+their first stop token (kept, since it was generated) and carry no padding.
 
 The RL stages sample through a `Sampler` made by `make_sampler` from the `rollout` keys. The `hf`
 engine samples from the training module itself; an engine with its own copy of the weights (vLLM)
