@@ -384,7 +384,7 @@ def summarise(model: str, stage: str, runs: dict, loss: dict, models: Path, peak
         mean_length = run["tokens"] / (BATCH[stage] * (run["steps"] - warmup))
         row[f"{side}_mfu"] = row[f"{side}_tps"] * flops_per_token(models, mean_length) / peak if stage == "sft" else None
     row["loss_ours"], row["loss_trl"] = loss["ours"], loss["trl"]
-    # How far one repetition's pair (the two sides' runs next to each other) strays from the medians' ratio.
+    # The ratio within each repetition (the two sides' runs next to each other): its range shows how far the machine moved.
     pairs = [(o["tokens"] / o["seconds"]) / (t["tokens"] / t["seconds"]) for o, t in zip(runs["ours"], runs["trl"])]
     row["pair_ratios"] = (min(pairs), max(pairs))
     row["line"] = (f"{model} {stage}: ours {row['ours_tps']:.0f} tok/s {row['ours_mib']:.0f} MiB; "

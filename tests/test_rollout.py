@@ -103,6 +103,6 @@ def test_decoding_runs_each_distinct_unfinished_history_once():
     assert rows_run == [2] + expected
     assert min(map(len, completions)) < 8 and max(expected) < 8  # some rows stopped, and some shared a history
     assert len({tuple(c) for c in completions[:4]}) > 1  # and some parted
-    alone = [generate(model, [prompt], max_new_tokens=8, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids, batch_size=1,
-                      temperature=0.1, seeds=[seed])[0] for prompt, seed in zip(prompts, seeds)]
-    assert completions == alone
+    decoded_alone = [generate(model, [prompt], max_new_tokens=8, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids, batch_size=1,
+                              temperature=0.1, seeds=[seed])[0] for prompt, seed in zip(prompts, seeds)]
+    assert completions == decoded_alone
