@@ -1,7 +1,7 @@
 """Side by side with Hugging Face TRL: the same work through `rlhf` and through TRL's trainers.
 
 For each stage (sft, train-rm, dpo, grpo; TRL has no PPO trainer since 1.0) and each model (the
-tiny preset, and a 27M-parameter Llama for the CPU), both sides start from the same saved weights,
+tiny preset and a 27M-parameter Llama for the CPU; on a GPU, a Llama of Qwen2.5-0.5B's shape), both sides start from the same saved weights,
 read the same rows in the same order, with the same batch size, learning rate, clipping, steps
 and generation settings. Each run is its own process; the two sides alternate, several times.
 
@@ -14,7 +14,9 @@ first steps' one-off costs are left out. Training tokens are the tokens of the r
 counted once from the data (prompt + response + EOS; a pair counts its prompt twice), so padding
 and work one side saves (a prompt run once for both responses) are not counted as tokens; for
 grpo, the prompt and completion tokens of the rollouts. Peak memory is the worker's peak resident
-set (ru_maxrss), imports included. The work each side does is counted too: the token positions its
+set (ru_maxrss), imports included; on a GPU, the GPU memory its tensors took at most
+(max_memory_allocated). On a GPU the clock waits for the queued GPU work at each step's end and
+after each generation call. The work each side does is counted too: the token positions its
 models run (every embedding lookup: padding, a prompt run once per response, generation's steps),
 per training token, and of those the ones in forward passes kept for a backward. Two sides with the
 same positions per token differ only in how fast they run them.
@@ -25,13 +27,16 @@ machine moved during the invocation.
 
 The first-step loss is compared in separate one-step runs (the formulas are the same for sft,
 train-rm and dpo; grpo samples different completions on each side, so its loss is not compared);
-the benchmark fails when they differ by more than LOSS_TOLERANCE.
+the benchmark fails when they differ by more than LOSS_TOLERANCE (on a GPU, under bf16 autocast, by
+more than BF16_LOSS_TOLERANCE of the loss).
 
 sft's FLOP/s: 6 x (parameters in matmuls) + 12 x layers x hidden x sequence length per training
-token, against the peak of a square float32 torch matmul measured in the same invocation.
+token, against the peak of a square torch matmul (float32 on a CPU, bf16 on a GPU) measured in the
+same invocation.
 
 Usage: python bench/vs_trl.py [--threads N] [--reps 3] [--models tiny,llama27m] [--stages sft,train-rm,dpo,grpo]
-Needs the bench extra: pip install -c constraints-cpu.txt -e ".[bench]"
+                              [--device cuda --models llama500m]
+Needs the bench extra: pip install -c constraints-cpu.txt -e ".[bench]". bench/device.sh runs it on a GPU machine.
 """
 
 from __future__ import annotations
@@ -55,10 +60,18 @@ MODELS = {
     "tiny": (None, 60, 10),
     "llama27m": ({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
                   "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64}, 16, 4),
+    # For a GPU: Qwen2.5-0.5B's shape (grouped-query attention, 2 key/value heads) as a Llama, with the
+    # tiny tokenizer's vocabulary, so that an untrained model's completions decode to text the reward
+    # can score (with Qwen's 151,936 tokens almost none would, and every group would score alike).
+    "llama500m": ({"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                   "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 2048}, 30, 10),
 }
+CPU_MODELS = ("tiny", "llama27m")
 BATCH = {"sft": 32, "train-rm": 32, "dpo": 32, "grpo": 8}  # rows (pairs; grpo: prompts) per step
 GROUP, MAX_NEW_TOKENS, LR, SEED = 8, 8, 1e-5, 0
 LOSS_TOLERANCE = 1e-4  # first-step losses of the same formula on the same inputs (sft, train-rm, dpo)
+# bf16 autocast rounds each side's matmuls and reductions in its own order: relative to the loss.
+BF16_LOSS_TOLERANCE = 5e-3
 DATA = {"sft": "builtin:arith", "train-rm": "builtin:arith_prefs_mixed", "dpo": "builtin:arith_prefs_mixed",
         "grpo": "builtin:arith"}
 
@@ -86,19 +99,31 @@ def save_models(name: str, workdir: Path) -> Path:
     return root
 
 
-def matmul_peak(size: int = 1536, repeats: int = 20) -> float:
-    """FLOP/s of a square float32 matmul, the best of `repeats`."""
+def matmul_peak(device: str, repeats: int = 20) -> float:
+    """FLOP/s of a square matmul in the device's training precision (float32 on a CPU, bf16 on a GPU),
+    the best of `repeats`."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    size, dtype = (1536, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a clock reading after it counts that work."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,11 +139,15 @@ class Probe:
         # keep a graph for backward).
         self.counts: list[Counter] = [Counter()]
         self.first_loss: float | None = None
+        self.device = "cpu"
 
-    def install(self, side: str, pad_id: int) -> None:
+    def install(self, side: str, pad_id: int, device: str) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
+        self.device = device
+
         def on_step(optimizer, args, kwargs):
+            synchronize(device)
             self.step_ends.append(time.perf_counter())
             self.counts.append(Counter())
 
@@ -152,6 +181,7 @@ class Probe:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             output = generate(*args, **kwargs)
+            synchronize(self.device)
             self.counts[-1]["generate_s"] += time.perf_counter() - start
             prompt_tokens, new_tokens = count(args, kwargs, output)
             self.counts[-1]["generated"] += new_tokens
@@ -177,8 +207,15 @@ class Probe:
         timed = sum(self.counts[window], Counter())
         return {"steps": steps, "seconds": seconds,
                 **{key: timed[key] for key in ("tokens", "generated", "generate_s", "positions", "trained_positions")},
-                "first_loss": self.first_loss,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "first_loss": self.first_loss, "peak_mib": self.peak_mib()}
+
+    def peak_mib(self) -> float:
+        """The run's peak memory: GPU memory allocated on a GPU, else the process's resident set."""
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +234,8 @@ def run_ours(stage: str, models: Path, steps: int, out: Path, probe: Probe) -> N
     common = [f"output_dir={out}", f"model.path={model}", f"data.train={DATA[stage]}", "data.eval=null", "data.eval_size=0",
               f"train.max_steps={steps}", f"train.batch_size={BATCH[stage]}", "train.grad_accum=1", f"train.lr={LR}",
               "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.weight_decay=0", "train.max_grad_norm=1.0",
-              f"train.seed={SEED}", "train.log_every=10", "train.eval_every=0", "train.save_every=0"]
+              f"train.seed={SEED}", "train.log_every=10", "train.eval_every=0", "train.save_every=0",
+              f"model.dtype={'fp32' if probe.device == 'cpu' else 'bf16'}"]
     extra = {
         "sft": ["eval.generate=0"],
         "train-rm": [],
@@ -236,10 +274,11 @@ def run_trl(stage: str, models: Path, steps: int, out: Path, probe: Probe) -> No
     common = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH[stage],
                   gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                   weight_decay=0.0, max_grad_norm=1.0, seed=SEED, logging_steps=10, save_strategy="no",
-                  report_to="none", use_cpu=True, dataloader_num_workers=0, train_sampling_strategy="sequential",
-                  disable_tqdm=True,
-                  # The same work on both sides: float32 (TRL would autocast to bf16), no activation recomputation.
-                  bf16=False, gradient_checkpointing=False)
+                  report_to="none", use_cpu=probe.device == "cpu", dataloader_num_workers=0,
+                  train_sampling_strategy="sequential", disable_tqdm=True,
+                  # The same work on both sides: float32 on a CPU (TRL would autocast to bf16), bf16 autocast
+                  # over float32 weights on a GPU; no activation recomputation.
+                  bf16=probe.device == "cuda", gradient_checkpointing=False)
     dataset = Dataset.from_list(trl_rows(stage))
     if stage == "sft":
         trainer_cls, config = trl.SFTTrainer, trl.SFTConfig(**common, max_length=512)
@@ -269,7 +308,7 @@ def worker(args: argparse.Namespace) -> None:
 
     probe = Probe()
     models = Path(args.models)
-    probe.install(args.side, AutoTokenizer.from_pretrained(models / "causal").pad_token_id)
+    probe.install(args.side, AutoTokenizer.from_pretrained(models / "causal").pad_token_id, args.device)
     (run_ours if args.side == "ours" else run_trl)(args.stage, models, args.steps, Path(args.out), probe)
     result = probe.result(args.warmup) if args.steps > args.warmup else {"first_loss": probe.first_loss}
     print("RESULT " + json.dumps(result), flush=True)
@@ -278,10 +317,11 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 # The driver.
 
-def launch(side: str, stage: str, models: Path, steps: int, warmup: int, workdir: Path) -> dict:
+def launch(side: str, stage: str, models: Path, steps: int, warmup: int, workdir: Path, device: str) -> dict:
     out = tempfile.mkdtemp(dir=workdir, prefix=f"{side}-{stage}-")
     command = [sys.executable, __file__, "--worker", side, "--stage", stage, "--models-dir", str(models),
-               "--steps", str(steps), "--warmup", str(warmup), "--out", out, "--threads", os.environ["OMP_NUM_THREADS"]]
+               "--steps", str(steps), "--warmup", str(warmup), "--out", out, "--threads", os.environ["OMP_NUM_THREADS"],
+               "--device", device]
     done = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -293,7 +333,9 @@ def flops_per_token(models: Path, mean_length: float) -> float:
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(models / "causal")
-    layer = 4 * c.hidden_size * c.num_attention_heads * c.head_dim + 3 * c.hidden_size * c.intermediate_size
+    # q and o span every head; k and v only the key/value heads (grouped-query attention).
+    attention = 2 * c.hidden_size * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim
+    layer = attention + 3 * c.hidden_size * c.intermediate_size
     matmul_params = c.num_hidden_layers * layer + c.hidden_size * c.vocab_size
     return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * mean_length
 
@@ -301,10 +343,12 @@ def flops_per_token(models: Path, mean_length: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(CPU_MODELS), help=f"of {', '.join(MODELS)}")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads of every run (1 gives steadier figures on a busy machine)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides train: cuda trains under bf16 autocast, and MiB is the GPU's peak")
     parser.add_argument("--worker", choices=("ours", "trl"))
     parser.add_argument("--stage", choices=STAGES)
     parser.add_argument("--models-dir")
@@ -312,7 +356,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--out")
     args = parser.parse_args()
-    for key, value in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu",
+    for key, value in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "DS_ACCELERATOR": args.device,
                        "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -322,23 +366,31 @@ def main() -> None:
 
     import torch
 
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--models: no model {', '.join(sorted(unknown))}; there are {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        peak = matmul_peak()
-        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-              f"with {threads} threads; float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+        peak = matmul_peak(args.device)
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        if args.device == "cuda":
+            machine = f"{torch.cuda.get_device_name()} ({machine})"
+        precision = "float32" if args.device == "cpu" else "bf16"
+        print(f"# {machine}, torch {torch.__version__} with {threads} threads; {precision} matmul peak "
+              f"{peak / 1e9:.1f} GFLOP/s; MiB: {'peak resident memory' if args.device == 'cpu' else 'peak GPU memory allocated'}",
+              flush=True)
         rows = []
         for name in args.models.split(","):
             models = save_models(name, workdir)
             steps, warmup = MODELS[name][1], MODELS[name][2]
             for stage in args.stages.split(","):
-                loss = {side: launch(side, stage, models, 1, 1, workdir)["first_loss"] for side in ("ours", "trl")}
+                loss = {side: launch(side, stage, models, 1, 1, workdir, args.device)["first_loss"] for side in ("ours", "trl")}
                 runs: dict[str, list[dict]] = {"ours": [], "trl": []}
                 for rep in range(args.reps):
                     for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
-                        runs[side].append(launch(side, stage, models, steps, warmup, workdir))
+                        runs[side].append(launch(side, stage, models, steps, warmup, workdir, args.device))
                 if stage != "grpo":
                     tokens = data_tokens(stage, models, warmup, steps)
                     for run in runs["ours"] + runs["trl"]:
@@ -347,9 +399,16 @@ def main() -> None:
                 print(rows[-1]["line"], flush=True)
     print_table(rows)
     mismatched = [f"{r['model']} {r['stage']}: {r['loss_ours']:.6f} vs {r['loss_trl']:.6f}" for r in rows
-                  if r["loss_ours"] is not None and abs(r["loss_ours"] - r["loss_trl"]) > LOSS_TOLERANCE]
+                  if r["loss_ours"] is not None and not losses_agree(r["loss_ours"], r["loss_trl"], args.device)]
     if mismatched:
-        sys.exit(f"first-step losses differ by more than {LOSS_TOLERANCE}: " + "; ".join(mismatched))
+        bound = LOSS_TOLERANCE if args.device == "cpu" else f"{BF16_LOSS_TOLERANCE} of the loss (bf16)"
+        sys.exit(f"first-step losses differ by more than {bound}: " + "; ".join(mismatched))
+
+
+def losses_agree(ours: float, trl: float, device: str) -> bool:
+    if device == "cpu":
+        return abs(ours - trl) <= LOSS_TOLERANCE
+    return abs(ours - trl) <= BF16_LOSS_TOLERANCE * abs(trl)
 
 
 def data_tokens(stage: str, models: Path, first_step: int, last_step: int) -> int:
@@ -369,12 +428,12 @@ def data_tokens(stage: str, models: Path, first_step: int, last_step: int) -> in
 
 def summarise(model: str, stage: str, runs: dict, loss: dict, models: Path, peak: float, warmup: int) -> dict:
     def median(side: str, key: str) -> float:
-        return statistics.median(r[key] / r["seconds"] if key != "peak_rss_mib" else r[key] for r in runs[side])
+        return statistics.median(r[key] / r["seconds"] if key != "peak_mib" else r[key] for r in runs[side])
 
     row = {"model": model, "stage": stage}
     for side in ("ours", "trl"):
         row[f"{side}_tps"] = median(side, "tokens")
-        row[f"{side}_mib"] = median(side, "peak_rss_mib")
+        row[f"{side}_mib"] = median(side, "peak_mib")
         row[f"{side}_gen_tps"] = median(side, "generated") if stage == "grpo" else None
         row[f"{side}_rollout_share"] = statistics.median(r["generate_s"] / r["seconds"] for r in runs[side]) if stage == "grpo" else None
         for kind in ("positions", "trained_positions"):
