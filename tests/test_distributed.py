@@ -190,3 +190,17 @@ def test_an_error_of_process_1_alone_is_shown(tmp_path):
                    "train.max_steps=2", "train.batch_size=2", "launcher.nproc=2", "deepspeed=zero0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert _error_lines(result) == ["error: reward 'rank_reward:fail_on_rank_1' failed: ValueError: rank 1 cannot score"], result.stderr
+
+
+@pytest.mark.parametrize("deepspeed, dtype, expected", [("none", "bf16", torch.float32), ("zero0", "bf16", torch.bfloat16),
+                                                         ("zero2", "fp16", torch.float16), ("zero2", "fp32", torch.float32)])
+def test_a_frozen_model_takes_the_dtype_deepspeed_holds_the_policy_in(deepspeed, dtype, expected):
+    # Under ZeRO-0/1/2 DeepSpeed keeps the policy's weights in the compute dtype: a float32 reference
+    # would score differently from the policy at the same weights. The plain engine autocasts both.
+    from rlhf_cli.config.compose import load_config, register_schemas
+    from rlhf_cli.engine.zero import frozen_for_inference
+
+    register_schemas()
+    cfg = load_config("grpo", [f"deepspeed={deepspeed}", f"model.dtype={dtype}"])
+    frozen = frozen_for_inference(torch.nn.Linear(2, 2), cfg)
+    assert frozen.weight.dtype == expected

@@ -86,3 +86,17 @@ def test_every_preference_format_of_train_rm_trains(rlhf, tmp_path, fmt):
     assert result.exit_code == 0, result.output
     pairs = 24 if fmt == "ranked" else 8  # a ranked row of 3 responses gives 3 pairs
     assert f"{pairs} training pairs" in result.output
+
+
+def test_under_bf16_the_reference_is_scored_as_the_policy_is(rlhf, tmp_path):
+    # At the first step the policy is the reference: scored under the same autocast on the same batch,
+    # every margin is exactly 0 and the sigmoid loss is log 2; a float32 reference would differ by bf16
+    # rounding. (A cached reference is scored in other batches, which round differently.)
+    import math
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    result = rlhf("dpo", f"data.train={data}", *DPO_QUICK, "train.max_steps=1", "model.dtype=bf16", "dpo.loss=sigmoid",
+                  "dpo.sft_weight=0", "dpo.precompute_ref=false")
+    assert result.exit_code == 0, result.output
+    logged = next(m for m in read_jsonl(tmp_path / "runs/default/dpo/metrics.jsonl") if "loss" in m)
+    assert logged["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -175,3 +175,15 @@ def test_long_prompts_are_cut_dropped_or_refused(rlhf, tmp_path):
     assert dropped.exit_code == 0 and "1 dropped (first: " in dropped.output
     cut = rlhf(*common, "data.truncation=truncate", "output_dir=cut")
     assert cut.exit_code == 0 and "1 of 9 samples longer than data.max_length=24 were truncated" in cut.output
+
+
+def test_under_bf16_pi_old_and_the_reference_are_computed_as_the_loss_computes_pi(rlhf, tmp_path):
+    # With the weights left as they are (lr 1e-12 moves no float32 weight), pi_old and the reference are
+    # the policy itself: computed under the same autocast, the ratio is exactly 1 and the KL exactly 0,
+    # so the loss is the advantages' mean, 0; a float32 pi_old and reference would differ by rounding.
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    result = rlhf("grpo", f"data.train={data}", *GRPO_QUICK, "train.max_steps=1", "model.dtype=bf16", "grpo.beta=0.1",
+                  "grpo.inner_updates=2", "train.lr=1e-12")
+    assert result.exit_code == 0, result.output
+    logged = read_jsonl(tmp_path / "runs/default/grpo/metrics.jsonl")[0]
+    assert logged["kl"] == 0.0 and logged["loss"] == 0.0

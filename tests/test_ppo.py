@@ -237,3 +237,16 @@ def test_actor_and_critic_read_a_step_as_one_padding_free_row_with_the_values_of
     assert values.shape == mask.shape
     torch.testing.assert_close(values[mask], padded_values[mask], atol=1e-5, rtol=1e-5)
     assert values[mask].std() > 0
+
+
+def test_under_bf16_pi_old_is_computed_as_the_update_computes_pi(rlhf, tmp_path, reward_model_dir):
+    # With the weights left as they are (lr 1e-12 moves no float32 weight), one epoch of one mini-batch
+    # reads pi_old itself: under the updates' autocast the KL between them is exactly 0, where a float32
+    # pi_old would differ from the bf16 pi by rounding (and could trip ppo.early_stop_kl on its own).
+    rm = reward_model_dir("rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    result = rlhf("ppo", "model.path=tiny", f"reward.path={rm}", f"data.train={data}", *PPO_QUICK, "train.max_steps=1",
+                  "model.dtype=bf16", "train.lr=1e-12", "ppo.epochs=1", "ppo.num_mini_batches=1")
+    assert result.exit_code == 0, result.output
+    logged = next(m for m in read_jsonl(tmp_path / "runs/default/ppo/metrics.jsonl") if "approx_kl" in m)
+    assert logged["approx_kl"] == 0.0 and logged["clipfrac"] == 0.0

@@ -185,16 +185,20 @@ class _ClippingAdamW(torch.optim.AdamW):
 
 
 def frozen_for_inference(model: Any, cfg: Any) -> Any:
-    """A frozen model (reference, reward) partitioned like the policy under ZeRO-3; as it is otherwise
-    (and a LoRA reference, which is the policy itself)."""
-    ds_keys = cfg.deepspeed
-    if ds_keys.stage != 3 or not isinstance(model, torch.nn.Module):
-        return model
-    import deepspeed
-
+    """A frozen model (reference, reward) partitioned like the policy under ZeRO-3; under ZeRO-0/1/2 cast
+    to the compute dtype DeepSpeed holds the policy's weights in (so that a reference scores as the
+    policy does, not in float32); as it is otherwise (the plain engine runs both under one autocast),
+    and a LoRA reference, which is the policy itself."""
     from rlhf_cli.models import resolve_dtype
 
+    ds_keys = cfg.deepspeed
+    if ds_keys.stage is None or not isinstance(model, torch.nn.Module):
+        return model
     compute_dtype = resolve_dtype(cfg.model.dtype.value)
+    if ds_keys.stage != 3:
+        return model.to(compute_dtype)
+    import deepspeed
+
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
               "bf16": {"enabled": compute_dtype == torch.bfloat16}, "fp16": {"enabled": compute_dtype == torch.float16}}
     if ds_keys.offload_params:

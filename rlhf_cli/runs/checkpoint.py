@@ -69,7 +69,8 @@ def load_training_state(directory: Path, model: torch.nn.Module, engine: Any) ->
             load_model(model, str(directory / WEIGHTS))
         except RuntimeError as exc:
             raise UserError(f"{directory}: checkpoint weights do not fit this model: {str(exc).splitlines()[0]}") from None
-        engine.load_state_dict(torch.load(directory / ENGINE, weights_only=True))
+        # On the CPU first: a checkpoint written on a GPU resumes on another device too.
+        engine.load_state_dict(torch.load(directory / ENGINE, weights_only=True, map_location="cpu"))
     _set_rng_state(torch.load(directory / _rng_file(), weights_only=True))
     return json.loads((directory / STATE).read_text(encoding="utf-8"))
 
@@ -86,8 +87,8 @@ def _rng_state() -> dict[str, Any]:
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU alone: a resume may see other GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -97,7 +98,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def seal(directory: Path) -> None:

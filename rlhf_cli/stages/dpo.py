@@ -114,7 +114,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
     cache: Optional[dict[str, torch.Tensor]] = None
     if reference is not None and cfg.dpo.precompute_ref:
         cache = _reference_cache(start.run.path, reference, {"train": train_pairs, "eval": eval_pairs},
-                                 tokenizer.pad_token_id, cfg.eval.batch_size, device)
+                                 tokenizer.pad_token_id, cfg.eval.batch_size, device, engine.autocast)
         reference = None  # no second model in memory while training
     log.info(
         f"dpo ({cfg.dpo.loss.value}, beta {cfg.dpo.beta}): {count_parameters(policy) / 1e6:.2f}M parameters, "
@@ -131,7 +131,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         if cache is not None:
             index = torch.tensor([p.index for p in pairs])
             return cache[f"{split}_chosen"][index].to(device), cache[f"{split}_rejected"][index].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), engine.autocast():
             scored = _score(reference, pairs, tokenizer.pad_token_id, device, length_normalised=False)
         return scored.chosen_sum, scored.rejected_sum
 
@@ -141,7 +141,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         with torch.no_grad():
             for i in range(0, len(eval_pairs), cfg.eval.batch_size):
                 chunk = eval_pairs[i : i + cfg.eval.batch_size]
-                scored = _score(policy, chunk, tokenizer.pad_token_id, device, variant.length_normalised)
+                with engine.autocast():
+                    scored = _score(policy, chunk, tokenizer.pad_token_id, device, variant.length_normalised)
                 ref_chosen, ref_rejected = _aggregate(score_reference(chunk, "eval"), scored, variant.length_normalised)
                 h = logratio_margin(scored.chosen, scored.rejected, ref_chosen, ref_rejected)
                 losses = variant.loss(h, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.simpo_gamma)
@@ -261,8 +262,10 @@ def _aggregate(reference_sums: tuple[torch.Tensor, torch.Tensor], policy: Scored
 
 @torch.no_grad()
 def _reference_cache(run_path: Path, reference, splits: dict[str, list[Pair]], pad_id: int, batch_size: int,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """Summed reference log-probabilities of every pair, computed once and kept in the run directory."""
+                     device: torch.device, autocast) -> dict[str, torch.Tensor]:
+    """Summed reference log-probabilities of every pair, computed once and kept in the run directory, under
+    the autocast the policy is scored in (a float32 reference would differ from the same weights' bf16
+    log-probabilities by rounding, and the margins would start away from 0)."""
     path = run_path / REFERENCE_CACHE
     distributed.barrier()  # every process decides on the same file: under ZeRO-3 they score together
     sizes = {f"{split}_{side}": len(pairs) for split, pairs in splits.items() for side in ("chosen", "rejected")}
@@ -275,7 +278,8 @@ def _reference_cache(run_path: Path, reference, splits: dict[str, list[Pair]], p
     for split, pairs in splits.items():
         chosen, rejected = [], []
         for i in range(0, len(pairs), batch_size):
-            scored = _score(reference, pairs[i : i + batch_size], pad_id, device, length_normalised=False)
+            with autocast():
+                scored = _score(reference, pairs[i : i + batch_size], pad_id, device, length_normalised=False)
             chosen.append(scored.chosen_sum.cpu())
             rejected.append(scored.rejected_sum.cpu())
         cache[f"{split}_chosen"] = torch.cat(chosen) if chosen else torch.zeros(0)

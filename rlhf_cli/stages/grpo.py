@@ -122,7 +122,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             rollouts = []
             for i, micro in enumerate(batches.micro_batches(step)):
                 seeds = row_seeds(cfg.train.seed, step, batches.first_position(i) * g.num_generations, len(micro) * g.num_generations)
-                rollouts.append(_rollout(policy, reference, tokenizer, sampler, micro, rewards, cfg, device, seeds=seeds, stats=stats))
+                rollouts.append(_rollout(policy, reference, tokenizer, sampler, micro, rewards, cfg, device, engine.autocast,
+                                         seeds=seeds, stats=stats))
                 throughput.add(rollouts[-1].batch.num_tokens)
             num_sequences = distributed.total(sum(r.kept for r in rollouts))
             num_tokens = distributed.total(sum(int(r.batch.loss_mask[:, 1:].sum()) for r in rollouts))
@@ -135,9 +136,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 for rollout in rollouts:
                     batch = rollout.batch
                     mask = batch.loss_mask[:, 1:].float()
-                    with engine.autocast():
-                        logits = response_logits(policy, batch)
-                    logprobs = token_logprobs(logits / cfg.rollout.temperature, batch.input_ids)
+                    logprobs = _logprobs(policy, batch, cfg.rollout.temperature, engine.autocast)
                     old = rollout.old_logprobs if rollout.old_logprobs is not None else logprobs.detach()
                     per_token, clipped = clipped_surrogate(logprobs, old, rollout.advantages[:, None], g.epsilon_low, g.epsilon_high)
                     kl = torch.zeros_like(per_token)
@@ -185,7 +184,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _rollout(policy, reference, tokenizer, sampler: Sampler, prompts: list[EncodedPrompt], rewards, cfg: Any,
-             device: torch.device, seeds: list[int], stats: dict[str, list[float]]) -> Rollout:
+             device: torch.device, autocast, seeds: list[int], stats: dict[str, list[float]]) -> Rollout:
     """Sample G completions per prompt, score them, and build the loss's tensors. Filtered groups keep
     their rows, masked out of the loss, so that every process runs the same forward passes."""
     g = cfg.grpo
@@ -210,9 +209,15 @@ def _rollout(policy, reference, tokenizer, sampler: Sampler, prompts: list[Encod
     batch = collate_responses([p.ids for p in prompts], completions, owners, tokenizer.pad_token_id)
     batch.loss_mask &= keep[:, None]
     batch = batch.to(device)
-    old = ref = None
-    if g.inner_updates > 1:
-        old = token_logprobs(response_logits(policy, batch) / cfg.rollout.temperature, batch.input_ids)
-    if reference is not None:
-        ref = token_logprobs(response_logits(reference, batch) / cfg.rollout.temperature, batch.input_ids)
+    old = _logprobs(policy, batch, cfg.rollout.temperature, autocast) if g.inner_updates > 1 else None
+    ref = _logprobs(reference, batch, cfg.rollout.temperature, autocast) if reference is not None else None
     return Rollout(batch, advantages.to(device), old, ref, kept=int(keep.sum()))
+
+
+def _logprobs(model, batch: PromptResponses, temperature: float, autocast) -> torch.Tensor:
+    """(B, T-1) log-probabilities of batch's tokens at the sampling temperature, under the run's autocast:
+    pi_old and the reference computed as the loss computes pi (under bf16, a float32 forward would
+    differ from the same weights' by rounding, and the ratio and the KL would start away from 1 and 0)."""
+    with autocast():
+        logits = response_logits(model, batch)
+    return token_logprobs(logits / temperature, batch.input_ids)

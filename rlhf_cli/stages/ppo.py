@@ -258,7 +258,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             step_prompts = [prompt for micro in batches.micro_batches(step) for prompt in micro]
             with frozen_on_device():
                 rollouts, stats = _rollout(step_prompts, sampler, score, normalise, models, reference, tokenizer,
-                                           stop_ids, cfg, engine.kl_coef, device,
+                                           stop_ids, cfg, engine.kl_coef, device, engine.actor.autocast,
                                            seeds=row_seeds(cfg.train.seed, step, batches.first_position(0), len(step_prompts)))
             throughput.add(rollouts.batch.num_tokens)
             lr = engine.actor.lr
@@ -329,8 +329,10 @@ def _reward_stats(reward_path: str) -> dict[str, float] | None:
 
 @torch.no_grad()
 def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: ActorCritic, reference, tokenizer,
-             stop_ids: set[int], cfg: Any, kl_coef: float, device: torch.device, seeds: list[int]) -> tuple[Rollouts, dict[str, float]]:
-    """Sample a response per prompt, score it, and compute old log-probabilities, values, advantages and returns."""
+             stop_ids: set[int], cfg: Any, kl_coef: float, device: torch.device, autocast,
+             seeds: list[int]) -> tuple[Rollouts, dict[str, float]]:
+    """Sample a response per prompt, score it, and compute old log-probabilities, values, advantages and returns,
+    under the autocast the updates run in (a float32 pi_old would differ from their bf16 pi by rounding)."""
     p = cfg.ppo
     responses = sampler([prompt.ids for prompt in prompts], seeds)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -344,9 +346,11 @@ def _rollout(prompts: list[EncodedPrompt], sampler, score, normalise, models: Ac
     mask = batch.response_mask[:, 1:].float()
 
     temperature = cfg.rollout.temperature
-    logits, values = models.logits_and_values(batch)
-    logprobs = token_logprobs(logits / temperature, batch.input_ids)
-    ref_logprobs = token_logprobs(response_logits(reference, batch) / temperature, batch.input_ids)
+    with autocast():
+        logits, values = models.logits_and_values(batch)
+        ref_logits = response_logits(reference, batch)
+    logprobs = token_logprobs(logits.float() / temperature, batch.input_ids)
+    ref_logprobs = token_logprobs(ref_logits.float() / temperature, batch.input_ids)
     values = values * mask
     kl = (logprobs - ref_logprobs) * mask
     rewards = token_rewards(scores.to(device), kl, mask, kl_coef)
@@ -401,7 +405,8 @@ def _update(rollouts: Rollouts, models: ActorCritic, engine: ActorCriticEngine, 
                     engine.actor.step()
                 engine.critic.step()
             figures = torch.tensor([policy_loss.item(), value_loss.item(), entropy.item(), float(masked_mean(clipped.float(), mini.mask)),
-                                    float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask))], dtype=torch.float64)
+                                    float(masked_mean(kl_k2(logprobs.detach(), mini.old_logprobs), mini.mask))],
+                                   dtype=torch.float64, device=mini.mask.device)  # NCCL reduces GPU tensors only
             figures = distributed.total(figures * share).tolist()
             approx_kl = figures[-1]
             for name, value in zip(("loss/policy", "loss/value", "entropy", "clipfrac", "approx_kl"), figures):
