@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # bench/vs_trl.py on a GPU machine that cannot reach a package index: installs the wheels of .whl/
 # (made here by bench/device_wheels.sh) and this checkout into /tmp/site, shows what it runs on, runs
-# tests/test_gpu.py (every stage on the GPU, in bf16 and fp32), then the side by side under bf16 on the
-# GPU, by default with the Qwen2.5-0.5B-shaped model, one run a side. Each stage's line is printed as
-# it finishes; both outputs are kept in $OUT (test_gpu.txt, vs_trl.txt).
+# the side by side under bf16 on the GPU, by default with the Qwen2.5-0.5B-shaped model and one run a
+# side, then tests/test_gpu.py (every stage on the GPU; stopped after TEST_SECONDS, 240). Each stage's
+# line is printed as it finishes; both outputs are kept in $OUT (vs_trl.txt, test_gpu.txt).
 #
 #   bash bench/device.sh [vs_trl.py arguments, e.g. --stages grpo --reps 3]
 # Through this project's device tool: carry [".whl"], command "bash bench/device.sh".
@@ -18,5 +18,5 @@ python3 -c "import torch, transformers, trl, deepspeed, rlhf_cli.cli
 print('torch', torch.__version__, '- cuda', torch.cuda.is_available(), '- transformers', transformers.__version__,
       '- trl', trl.__version__, '- deepspeed', deepspeed.__version__)"
 mkdir -p "${OUT:=/tmp/bench-out}"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt" || echo "tests/test_gpu.py failed"
-python3 bench/vs_trl.py --device cuda --models llama500m --reps 1 "$@" 2>&1 | tee "$OUT/vs_trl.txt"
+python3 bench/vs_trl.py --device cuda --models llama500m --reps 1 "$@" 2>&1 | tee "$OUT/vs_trl.txt" || echo "vs_trl.py failed"
+timeout "${TEST_SECONDS:-240}" python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt"

@@ -64,7 +64,7 @@ MODELS = {
     # tiny tokenizer's vocabulary, so that an untrained model's completions decode to text the reward
     # can score (with Qwen's 151,936 tokens almost none would, and every group would score alike).
     "llama500m": ({"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                   "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 2048}, 30, 10),
+                   "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 2048}, 20, 5),
 }
 CPU_MODELS = ("tiny", "llama27m")
 BATCH = {"sft": 32, "train-rm": 32, "dpo": 32, "grpo": 8}  # rows (pairs; grpo: prompts) per step
@@ -364,11 +364,11 @@ def main() -> None:
         args.side, args.models = args.worker, args.models_dir
         return worker(args)
 
-    import torch
-
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"--models: no model {', '.join(sorted(unknown))}; there are {', '.join(MODELS)}")
+    import torch
+
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:

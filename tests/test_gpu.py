@@ -1,6 +1,6 @@
-"""On a CUDA GPU (skipped without one): every stage of the chain trains there, in bf16 and in fp32, and
-the padding-free forward gives there the log-probabilities it gives on the CPU. bench/device.sh runs
-this file on a GPU machine before the benchmark."""
+"""On a CUDA GPU (skipped without one): every stage of the chain trains there, in bf16 and in fp32 and
+under DeepSpeed ZeRO-3 in one process, and the padding-free forward gives there the log-probabilities
+it gives on the CPU. bench/device.sh runs this file on a GPU machine before the benchmark."""
 
 import json
 import math
@@ -27,11 +27,11 @@ CHAIN = (  # stage, its own settings, the metric its loss is logged as
 )
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_every_stage_trains_on_the_gpu(rlhf, tmp_path, dtype):
+@pytest.mark.parametrize("deepspeed, dtype", [("none", "bf16"), ("none", "fp32"), ("zero3", "bf16")])
+def test_every_stage_trains_on_the_gpu(rlhf, tmp_path, deepspeed, dtype):
     runs = tmp_path / "runs/default"
     for stage, extra, metric in CHAIN:
-        result = rlhf(stage, *QUICK, *extra, f"model.dtype={dtype}")
+        result = rlhf(stage, *QUICK, *extra, f"model.dtype={dtype}", f"deepspeed={deepspeed}")
         assert result.exit_code == 0, f"{stage}: {result.output[-3000:]}"
         logged = [json.loads(line) for line in (runs / stage.replace("train-", "") / "metrics.jsonl").read_text().splitlines()]
         losses = [row[metric] for row in logged if metric in row]
