@@ -101,7 +101,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                     loss = loss + cfg.rm.center_coef * reward_centering_penalty(chosen, rejected, weights)
                 engine.backward(loss)
                 gap = (chosen - rejected).detach()
-                totals += torch.stack([loss.detach(), (gap > 0).sum(), gap.sum(), gap.new_tensor(gap.numel())])
+                totals += torch.stack([loss.detach(), (gap > 0).sum(), gap.sum(), torch.tensor(float(gap.numel()), device=gap.device)])
                 throughput.add(sum(len(g.prompt) + len(r) for g in groups for r in g.responses))
             grad_norm = engine.step()
             done = step + 1
