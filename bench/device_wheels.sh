@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 DEST=${DEST:-.whl}
 TARGET_PYTHON=${TARGET_PYTHON:-3.12}
-KEPT='torch|numpy|pandas|pyarrow|matplotlib|contourpy|kiwisolver|fonttools|pillow|sympy|mpmath|networkx|setuptools|regex|pyyaml|markupsafe|psutil|msgpack|xxhash|ninja|hf-xet|tzdata|python-dateutil|pyparsing|cycler|six|rlhf-cli'
+KEPT='torch|numpy|pandas|pyarrow|matplotlib|contourpy|kiwisolver|fonttools|pillow|sympy|mpmath|networkx|setuptools|regex|pyyaml|markupsafe|psutil|msgpack|xxhash|ninja|hf-xet|python-dateutil|pyparsing|cycler|six|rlhf-cli'
 
 rm -rf "$DEST" && mkdir -p "$DEST"
 # The dependency closure of rlhf-cli[bench] as installed here, pinned to the versions here.
