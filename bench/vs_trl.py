@@ -1,9 +1,10 @@
 """Side by side with Hugging Face TRL: the same work through `rlhf` and through TRL's trainers.
 
 For each stage (sft, train-rm, dpo, grpo; TRL has no PPO trainer since 1.0) and each model (the
-tiny preset and a 27M-parameter Llama for the CPU; on a GPU, a Llama of Qwen2.5-0.5B's shape), both sides start from the same saved weights,
-read the same rows in the same order, with the same batch size, learning rate, clipping, steps
-and generation settings. Each run is its own process; the two sides alternate, several times.
+tiny preset and a 27M-parameter Llama for the CPU; on a GPU, a Llama of Qwen2.5-0.5B's shape), both
+sides start from the same saved weights, read the same rows in the same order, with the same batch
+size, learning rate, clipping, steps and generation settings. Each run is its own process; the two
+sides alternate, several times.
 
 Both sides are measured by the same instruments, installed in the worker process before the model
 is built: a global optimizer-step hook stamps the end of every step, and a wrapper around each
@@ -130,7 +131,8 @@ def synchronize(device: str) -> None:
 # The instruments, the same on both sides.
 
 class Probe:
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
+        self.device = device
         self.step_ends: list[float] = []
         # Per step, [k] counting what runs after the end of step k and up to the end of step k + 1 (steps
         # 1-based; the last entry is what runs after the last step): "tokens" (of the rows trained on),
@@ -139,15 +141,12 @@ class Probe:
         # keep a graph for backward).
         self.counts: list[Counter] = [Counter()]
         self.first_loss: float | None = None
-        self.device = "cpu"
 
-    def install(self, side: str, pad_id: int, device: str) -> None:
+    def install(self, side: str, pad_id: int) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        self.device = device
-
         def on_step(optimizer, args, kwargs):
-            synchronize(device)
+            synchronize(self.device)
             self.step_ends.append(time.perf_counter())
             self.counts.append(Counter())
 
@@ -306,9 +305,9 @@ def run_trl(stage: str, models: Path, steps: int, out: Path, probe: Probe) -> No
 def worker(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    probe = Probe()
+    probe = Probe(args.device)
     models = Path(args.models)
-    probe.install(args.side, AutoTokenizer.from_pretrained(models / "causal").pad_token_id, args.device)
+    probe.install(args.side, AutoTokenizer.from_pretrained(models / "causal").pad_token_id)
     (run_ours if args.side == "ours" else run_trl)(args.stage, models, args.steps, Path(args.out), probe)
     result = probe.result(args.warmup) if args.steps > args.warmup else {"first_loss": probe.first_loss}
     print("RESULT " + json.dumps(result), flush=True)

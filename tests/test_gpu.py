@@ -1,6 +1,6 @@
 """On a CUDA GPU (skipped without one): every stage of the chain trains there, in bf16 and in fp32 and
 under DeepSpeed ZeRO-3 in one process, and the padding-free forward gives there the log-probabilities
-it gives on the CPU. bench/device.sh runs this file on a GPU machine before the benchmark."""
+it gives on the CPU. bench/device.sh runs this file on a GPU machine after the benchmark."""
 
 import json
 import math
