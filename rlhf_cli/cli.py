@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import shutil
 import sys
@@ -332,7 +333,9 @@ def _relaunch(stage: str, args: list[str], nproc: int) -> int:
             codes = [process.poll() for process in processes]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                rank, code = failed[0]
+                # Processes that failed between two polls: the first to leave its error line failed
+                # first (its peers' complaints of a closed connection come after it).
+                rank, code = min(failed, key=lambda failure: _reported_at(errors_dir, failure[0]))
                 _print_error_of(rank, code, nproc, errors_dir)
                 _stop_all(processes)
                 return code
@@ -341,6 +344,12 @@ def _relaunch(stage: str, args: list[str], nproc: int) -> int:
             time.sleep(0.2)
     finally:
         shutil.rmtree(errors_dir, ignore_errors=True)
+
+
+def _reported_at(errors_dir: str, rank: int) -> float:
+    """When process `rank` left its error line; never, for one that left none (killed)."""
+    left = Path(errors_dir, f"rank-{rank}")
+    return left.stat().st_mtime_ns if left.is_file() else math.inf
 
 
 def _print_error_of(rank: int, code: int, nproc: int, errors_dir: str) -> None:
