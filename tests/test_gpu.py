@@ -1,6 +1,7 @@
 """On a CUDA GPU (skipped without one): every stage of the chain trains there, in bf16 and in fp32 and
-under DeepSpeed ZeRO-3 in one process, and the padding-free forward gives there the log-probabilities
-it gives on the CPU. bench/device.sh runs this file on a GPU machine after the benchmark."""
+under DeepSpeed ZeRO-3 in one process, the padding-free forward gives there the log-probabilities it
+gives on the CPU, and its forward and backward never make the host wait. bench/device.sh runs this
+file on a GPU machine after the benchmark."""
 
 import json
 import math
@@ -49,3 +50,27 @@ def test_padding_free_logprobs_on_the_gpu_equal_the_cpu():
     on_gpu = token_logprobs(response_logits(model.cuda(), batch.to("cuda")), batch.input_ids.cuda())
     mask = batch.response_mask[:, 1:]
     torch.testing.assert_close(on_gpu.cpu()[mask], on_cpu[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_a_planned_micro_batchs_forward_and_backward_never_wait_for_the_gpu():
+    """What tests/test_device_syncs.py shows on the meta device, on the GPU itself: CUDA's sync debug
+    mode raises at any operation that makes the host wait (a read of a value, a blocking copy)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_DIR, num_key_value_heads=2), attn_implementation="sdpa")
+    assert use_segment_attention(model) is None
+    model.cuda().train()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 12]]
+    responses = [[20, 21, 2], [22, 2], [20, 21, 25, 26, 2], [27, 2], [20, 21, 2]]
+
+    def step() -> None:
+        batch = collate_responses(prompts, responses, [0, 1, 0, 2, 0], pad_id=0).to("cuda")
+        logprobs = token_logprobs(response_logits(model, batch), batch.input_ids)
+        (logprobs * batch.loss_mask[:, 1:]).sum().backward()
+
+    step()  # kernels load and caches fill before the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from rlhf_cli.algos.losses import scoring_positions, token_nll_sum
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample, pack
-from rlhf_cli.models import TINY_DIR, forward_inputs, kept_logits
+from rlhf_cli.models import TINY_DIR, forward_inputs, kept_logits, plan_kept
 from rlhf_cli.models.padding_free import (ATTENTION, prefixed_segments, segments_from_positions, shared_prefixes,
                                           use_segment_attention)
 from tests.conftest import read_jsonl
@@ -81,7 +81,7 @@ def test_kept_logits_do_not_run_a_samples_last_token_and_equal_the_whole_rows(ro
     keep = scoring_positions(batch["loss_mask"])
     seen = []
     trimmed.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
-    kept = kept_logits(trimmed, forward_inputs(batch), keep)
+    kept = kept_logits(trimmed, plan_kept(forward_inputs(batch), keep))
     kept.sum().backward()
     positions = batch["position_ids"][0]
     last_of_sample = torch.cat([positions[1:] == 0, torch.tensor([True])])
@@ -122,7 +122,7 @@ def test_kept_logits_of_samples_that_share_a_prefix_equal_the_whole_rows(rows):
     keep = scoring_positions(batch["loss_mask"])
     seen = []
     shared.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
-    kept = kept_logits(shared, forward_inputs(batch), keep)
+    kept = kept_logits(shared, plan_kept(forward_inputs(batch), keep))
     # a: 4 tokens run (not its last), b: 3 after the 2 it shares, c: none, d: 3, e: 3 after the 3 it shares with b
     assert seen[0].numel() == 4 + 3 + 0 + 3 + 3
     weights = torch.randn_like(kept)  # samples that share a position weigh its logits differently
@@ -138,7 +138,7 @@ def test_kept_logits_of_samples_that_share_a_prefix_equal_the_whole_rows(rows):
 def test_kept_logits_of_a_row_with_nothing_to_keep_are_empty():
     batch = collate(SAMPLES, pad_id=0, padding_free=True)
     keep = torch.zeros_like(batch["loss_mask"])
-    assert kept_logits(_twin_models()[1], forward_inputs(batch), keep).shape == (0, 260)
+    assert kept_logits(_twin_models()[1], plan_kept(forward_inputs(batch), keep)).shape == (0, 260)
 
 
 def test_padding_free_collate_is_one_row_of_real_tokens():

@@ -16,20 +16,25 @@ def scoring_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     return F.pad(loss_mask[:, 1:], (0, 1), value=False)
 
 
-def label_nll_sum(label_logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(K,) the labelled tokens of (B, T) rows, in row-major order: the order of their scoring positions."""
+    return input_ids[:, 1:][loss_mask[:, 1:]]
+
+
+def label_nll_sum(label_logits: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood of the labelled tokens, from the logits at their scoring
-    positions alone: label_logits (K, V), one row per label in row-major order."""
-    return F.cross_entropy(label_logits.float(), input_ids[:, 1:][loss_mask[:, 1:]], reduction="sum")
+    positions alone: label_logits (K, V), one row per label of label_ids (K,)."""
+    return F.cross_entropy(label_logits.float(), label_ids, reduction="sum")
 
 
 def token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """label_nll_sum from the logits (B, T, V) of every position."""
-    return label_nll_sum(logits[scoring_positions(loss_mask)], input_ids, loss_mask)
+    return label_nll_sum(logits[scoring_positions(loss_mask)], labels(input_ids, loss_mask))
 
 
-def sft_loss(label_logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def sft_loss(label_logits: torch.Tensor, label_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Mean NLL per labelled token of the optimizer step: this micro-batch's sum over the step's token count."""
-    return label_nll_sum(label_logits, input_ids, loss_mask) / max(num_tokens, 1)
+    return label_nll_sum(label_logits, label_ids) / max(num_tokens, 1)
 
 
 def count_label_tokens(loss_mask: torch.Tensor) -> int:

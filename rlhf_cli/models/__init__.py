@@ -398,55 +398,79 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs | {"use_cache": False}
 
 
-def kept_logits(model, inputs: dict[str, Any], keep):
-    """(K, V) logits at the True positions of keep (B, T) only, in row-major order: the LM head runs on
-    those positions alone (transformers' logits_to_keep), which with a large vocabulary is much of a
-    forward's work and most of its memory. In a padding-free row, the prefixes that samples share run
-    once, and the model does not run the positions no kept logit reads (each sample's tokens after its
-    last kept position)."""
-    return kept_outputs(model, inputs, keep)[0]
+@dataclasses.dataclass
+class KeptForward:
+    """A forward whose outputs are read at some positions only, planned on the host (`plan_kept`)
+    before its tensors go to the device: on a GPU, planning there would wait for its queued kernels."""
+
+    inputs: dict[str, Any]  # the model's keyword arguments
+    kept: Any  # (K,) the positions of a (1, N) row that are read, ascending (logits_to_keep); a padded batch's (B, T) mask
+    order: Any = None  # index into the K kept outputs that gives the caller's order and shape; None: as kept
+
+    def to(self, device: Any) -> "KeptForward":
+        import torch
+
+        def moved(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):  # non-blocking: a copy from the host need not wait for the device's queue
+                return value.to(device, non_blocking=True)
+            return value.to(device) if hasattr(value, "to") else value  # segments; flags
+
+        return KeptForward({k: moved(v) for k, v in self.inputs.items()}, moved(self.kept), moved(self.order))
 
 
-def kept_outputs(model, inputs: dict[str, Any], keep, hidden_states: bool = False):
-    """kept_logits, and with `hidden_states` the (K, H) last hidden states at the same positions from
-    the same forward (a value head's input); None without it."""
-    inputs, keep, rows = _kept_row(inputs, keep)
-    output = model(**inputs, logits_to_keep=keep, output_hidden_states=hidden_states)
-    logits = selected_logits(output.logits, keep)
-    hidden = output.hidden_states[-1][keep] if hidden_states else None
-    if rows is None:
-        return logits, hidden
-    return logits[rows], None if hidden is None else hidden[rows]
-
-
-def kept_hidden_states(body, inputs: dict[str, Any], keep):
-    """(K, H) last hidden states of a transformer body (`backbone`) at the True positions of keep (B, T),
-    with kept_logits' savings in a padding-free row."""
-    inputs, keep, rows = _kept_row(inputs, keep)
-    hidden = body(**inputs).last_hidden_state[keep]
-    return hidden if rows is None else hidden[rows]
-
-
-def _kept_row(inputs: dict[str, Any], keep):
-    """The inputs and keep mask that compute the kept positions of a padding-free (1, N) row with its
-    shared prefixes run once and the positions no kept one reads left out, and the index that puts
-    the kept positions back in keep's order (None when they are in it). Other batches stay as they are."""
+def plan_kept(inputs: dict[str, Any], keep) -> KeptForward:
+    """The forward of `inputs` that computes the True positions of keep (B, T) only, in row-major order.
+    The LM head runs on those positions alone (transformers' logits_to_keep), which with a large
+    vocabulary is much of a forward's work and most of its memory. In a padding-free row, the prefixes
+    that samples share run once, and the model does not run the positions no kept output reads (each
+    sample's tokens after its last kept position). Runs on the host: give it the batch before it
+    moves to the device."""
     import torch
 
     if inputs.get("segments") is None or keep.size(0) != 1:
-        return inputs, keep, None
-    rows = None
+        return KeptForward(inputs, keep)
+    order = None
     inputs, moved_to = share_prefixes(inputs)
     if moved_to is not None:
         kept_at = moved_to[keep[0]]
         keep = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         keep[0, kept_at] = True
-        rows = (keep[0].cumsum(0) - 1)[kept_at]  # samples that share a kept position read the same outputs
+        order = (keep[0].cumsum(0) - 1)[kept_at]  # samples that share a kept position read the same outputs
     needed = inputs["segments"].read_by(keep[0])
     if 0 < int(needed.sum()) < needed.numel():
         inputs = _positions(inputs, needed) | {"segments": inputs["segments"].narrowed(needed)}
         keep = keep[:, needed]
-    return inputs, keep, rows
+    return KeptForward(inputs, keep[0].nonzero().squeeze(1), order)
+
+
+def kept_logits(model, plan: KeptForward):
+    """(K, V) logits at the kept positions of `plan` (or in its order)."""
+    return kept_outputs(model, plan)[0]
+
+
+def kept_outputs(model, plan: KeptForward, hidden_states: bool = False):
+    """kept_logits, and with `hidden_states` the (K, H) last hidden states at the same positions from
+    the same forward (a value head's input); None without it."""
+    output = model(**plan.inputs, logits_to_keep=plan.kept, output_hidden_states=hidden_states)
+    logits = _at_kept(output.logits, plan.kept)
+    hidden = _at_kept(output.hidden_states[-1], plan.kept) if hidden_states else None
+    if plan.order is None:
+        return logits, hidden
+    return logits[plan.order], None if hidden is None else hidden[plan.order]
+
+
+def kept_hidden_states(body, plan: KeptForward):
+    """(K, H) last hidden states of a transformer body (`backbone`) at the kept positions of `plan`."""
+    hidden = _at_kept(body(**plan.inputs).last_hidden_state, plan.kept)
+    return hidden if plan.order is None else hidden[plan.order]
+
+
+def _at_kept(per_position, kept):
+    """The (K, D) outputs at the kept positions, from a forward given logits_to_keep=kept, also from a
+    model (or an output) that ignores it. Indexing, not masking: a mask's count would be read on the host."""
+    if kept.dim() == 1:
+        return per_position[0] if per_position.size(1) == kept.numel() else per_position[0, kept]
+    return selected_logits(per_position, kept)
 
 
 def share_prefixes(inputs: dict[str, Any]):

@@ -13,7 +13,10 @@ any device, with SDPA's own kernels. Samples that begin with the same tokens run
 attends to its prompt.
 
 The attention is registered with transformers' AttentionInterface; without `segments` (padded
-batches, generation with a KV cache) it is transformers' SDPA, with SDPA's masks.
+batches, generation with a KV cache) it is transformers' SDPA. Its mask function hands the padding
+mask through as it is, as flash-attention's does, and `segment_attention` builds SDPA's mask itself
+when it needs one: transformers' SDPA mask function reads the mask's values to decide whether a
+mask is needed, which on a GPU waits for every queued kernel, once a forward.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 ATTENTION = "rlhf_segments"
 
@@ -51,7 +54,8 @@ class SampleGroup:
             self.real = self.valid.reshape(-1).nonzero().squeeze(-1)
 
     def to(self, device: torch.device) -> "SampleGroup":
-        return SampleGroup(*(t.to(device) if t is not None else None for t in (self.index, self.valid, self.key_index, self.mask, self.real)))
+        return SampleGroup(*(t.to(device, non_blocking=True) if t is not None else None
+                             for t in (self.index, self.valid, self.key_index, self.mask, self.real)))
 
 
 @dataclass
@@ -115,10 +119,9 @@ def shared_prefixes(segments: Segments, input_ids: torch.Tensor) -> Optional[Sha
     input_ids: (N,) the row's tokens. Two samples of a group share their first t + 1 tokens when they
     read the same keys before them (none for a causal sample, the same prompt for two responses) and
     their tokens 0..t are the same. The later of them keeps only the tokens after what it shares, in a
-    group that reads the shared ones as keys. Runs on the host, once a row.
+    group that reads the shared ones as keys. Host tensors in and out (`plan_kept`).
     """
-    tokens, device = input_ids.cpu(), segments.groups[0].index.device
-    groups = [g.to(torch.device("cpu")) for g in segments.groups]
+    tokens, groups = input_ids, segments.groups
     alias = torch.arange(tokens.numel())  # the position each position's copy runs at
     plans = []
     for group in groups:
@@ -157,7 +160,7 @@ def shared_prefixes(segments: Segments, input_ids: torch.Tensor) -> Optional[Sha
         if len(sharing):
             new_groups.append(_after_shared_prefix(moved_to[outside[sharing]], outside_valid[sharing],
                                                    moved_to[group.index[sharing]], group.valid[sharing], depth[sharing]))
-    return SharedPrefixes(survivors.to(device), moved_to.to(device), Segments(new_groups).to(device))
+    return SharedPrefixes(survivors, moved_to, Segments(new_groups))
 
 
 def _keys_before(group: SampleGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +245,8 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
                       segments: Optional[Segments] = None, **kwargs):
     """query (B, H, T, D), key and value (B, H_kv, T, D) -> ((B, T, H, D), None), as transformers' attention functions."""
     if segments is None:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = _causal_padding_mask(attention_mask, query.size(2))
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     batch, heads, length, _ = query.shape
 
@@ -264,8 +269,27 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     return torch.cat(outputs).reshape(batch, length, heads, -1), None
 
 
+def _causal_padding_mask(key_valid: torch.Tensor, queries: int) -> torch.Tensor:
+    """(B, 1, queries, keys) SDPA mask from a (B, keys) padding mask: the queries are the last `queries`
+    keys (a KV cache holds the keys before them), each sees the real keys up to itself."""
+    keys = key_valid.size(1)
+    key_positions = torch.arange(keys, device=key_valid.device)
+    return key_valid.bool()[:, None, None, :] & (key_positions[None, :] <= key_positions[keys - queries :, None])
+
+
+def _padding_mask(*, kv_length: int, attention_mask: Optional[torch.Tensor] = None,
+                  mask_function=causal_mask_function, **kwargs) -> Optional[torch.Tensor]:
+    """transformers' mask function for `segment_attention`: the (B, keys) padding mask as it is, its
+    values unread on the host (a padding-free row's is all ones and goes unused; a padded batch's is
+    shaped into SDPA's mask in the attention). Any other pattern (packed rows told apart by their
+    position ids) is transformers' SDPA mask."""
+    if mask_function is not causal_mask_function:
+        return sdpa_mask(kv_length=kv_length, attention_mask=attention_mask, mask_function=mask_function, **kwargs)
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
 AttentionInterface.register(ATTENTION, segment_attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(ATTENTION, _padding_mask)
 
 
 def use_segment_attention(model) -> Optional[str]:

@@ -15,14 +15,15 @@ sliding windows) run the concatenated rows, returned in the same layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample
-from rlhf_cli.models import backbone, kept_hidden_states, kept_outputs, score_head, share_prefixes
+from rlhf_cli.models import KeptForward, backbone, kept_hidden_states, kept_outputs, plan_kept, score_head
 from rlhf_cli.models.padding_free import has_segment_attention, prefixed_segments
 
 
@@ -43,21 +44,43 @@ class PromptResponses:
     response_mask: torch.Tensor
     loss_mask: torch.Tensor
     pad_id: int
+    # The same prompts and responses on the CPU, where padding-free forwards are planned (not loss_mask,
+    # which a caller may narrow after the move), and those plans, made once for every forward.
+    host: Optional["PromptResponses"] = field(default=None, repr=False, compare=False)
+    plans: dict[str, KeptForward] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
         """Tokens of the prompt + response rows this batch stands for."""
-        return int(self.prompt_mask.sum(-1)[self.owners].sum() + self.response_mask.sum())
+        batch = self.on_host()
+        return int(batch.prompt_mask.sum(-1)[batch.owners].sum() + batch.response_mask.sum())
 
     def rows(self, selected: torch.Tensor) -> "PromptResponses":
         """The responses `selected` (indices) and only the prompts they follow."""
         prompts, owners = torch.unique(self.owners[selected], return_inverse=True)
         return PromptResponses(self.prompt_ids[prompts], self.prompt_mask[prompts], owners, self.input_ids[selected],
-                               self.response_mask[selected], self.loss_mask[selected], self.pad_id)
+                               self.response_mask[selected], self.loss_mask[selected], self.pad_id,
+                               host=None if self.host is None else self.host.rows(selected.cpu()))
 
     def to(self, device: Any) -> "PromptResponses":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return PromptResponses(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+        """The batch on `device`, keeping this one (or its host copy) to plan on, and the plans made so far."""
+        tensors = (self.prompt_ids, self.prompt_mask, self.owners, self.input_ids, self.response_mask, self.loss_mask)
+        # Non-blocking: a copy from the host needs no wait for the device's queued kernels.
+        return PromptResponses(*(t.to(device, non_blocking=True) for t in tensors), self.pad_id, host=self.on_host(),
+                               plans={reading: plan.to(device) for reading, plan in self.plans.items()})
+
+    def on_host(self) -> "PromptResponses":
+        if self.host is not None:
+            return self.host
+        return self if self.input_ids.device.type == "cpu" else self.to("cpu")
+
+    def planned(self, reading: str) -> KeptForward:
+        """The padding-free forward of this batch that reads "responses" (the positions that score each
+        response token: (R, 1 + Tr) in input_ids' layout) or "ends" (each response's last token: (R,)),
+        planned on the host once, however many forwards read it."""
+        if reading not in self.plans:
+            self.plans[reading] = _PLANS[reading](self.on_host()).to(self.input_ids.device)
+        return self.plans[reading]
 
 
 def collate_responses(prompts: list[list[int]], responses: list[list[int]], owners: list[int], pad_id: int) -> PromptResponses:
@@ -95,11 +118,7 @@ def response_outputs(model, batch: PromptResponses, hidden_states: bool = False)
     """response_logits, and with `hidden_states` the (R, 1 + Tr, H) last hidden states at the same
     positions from the same forward (a value head's input: the state before each response token)."""
     if has_segment_attention(model):
-        row = _one_row(batch)
-        keep = _scoring_positions(row, batch)
-        logits, hidden = kept_outputs(model, row.inputs | {"use_cache": False}, keep, hidden_states)
-        at = _in_layout(row, keep)
-        return logits[at], None if hidden is None else hidden[at]
+        return kept_outputs(model, batch.planned("responses"), hidden_states)
     input_ids, attention_mask = _concatenated(batch)
     output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden_states)
     positions = _response_positions(batch, output.logits.size(1))
@@ -111,9 +130,7 @@ def response_values(critic, batch: PromptResponses) -> torch.Tensor:
     token (PPO's critic: the value of the state that token is chosen in), in batch.input_ids[:, 1:]'s layout."""
     body, head = backbone(critic), score_head(critic, "critic")
     if has_segment_attention(critic):
-        row = _one_row(batch)
-        keep = _scoring_positions(row, batch)
-        hidden = kept_hidden_states(body, row.inputs | {"use_cache": False}, keep)[_in_layout(row, keep)]
+        hidden = kept_hidden_states(body, batch.planned("responses"))
     else:
         input_ids, attention_mask = _concatenated(batch)
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -121,18 +138,32 @@ def response_values(critic, batch: PromptResponses) -> torch.Tensor:
     return head(hidden[:, :-1]).squeeze(-1).float()
 
 
-def _scoring_positions(row: "_Row", batch: PromptResponses) -> torch.Tensor:
-    """(1, N) True at the row positions that score a response token: not at a prompt's earlier tokens,
-    and not at a response's last token, which then does not run at all."""
+def _reading_responses(batch: PromptResponses) -> KeptForward:
+    """The row's forward at the positions that score a response token: not at a prompt's earlier
+    tokens, and not at a response's last token, which then does not run at all. Its outputs come in
+    batch.input_ids' (R, 1 + Tr) layout."""
+    row = _one_row(batch)
+    return _reading(row, row.layout[:, :-1][batch.response_mask[:, 1:]], at=row.layout)
+
+
+def _reading_ends(batch: PromptResponses) -> KeptForward:
+    """The row's forward at each response's last token, its outputs in response order (R,)."""
+    row = _one_row(batch)
+    last = row.layout.gather(1, batch.response_mask.sum(-1, keepdim=True))[:, 0]
+    return _reading(row, last, at=last)
+
+
+def _reading(row: "_Row", positions: torch.Tensor, at: torch.Tensor) -> KeptForward:
+    """The row's forward that computes its outputs at `positions` alone and gives them back at `at`
+    (row positions, any shape; a position not computed, which scores padding, takes a neighbour's)."""
     keep = torch.zeros_like(row.inputs["input_ids"], dtype=torch.bool)
-    keep[0, row.layout[:, :-1][batch.response_mask[:, 1:]]] = True
-    return keep
+    keep[0, positions] = True
+    plan = plan_kept(row.inputs, keep)
+    in_kept = (keep[0].cumsum(0)[at] - 1).clamp(min=0)
+    return dataclasses.replace(plan, order=in_kept if plan.order is None else plan.order[in_kept])
 
 
-def _in_layout(row: "_Row", keep: torch.Tensor) -> torch.Tensor:
-    """(R, 1 + Tr) the index of each layout position among the kept ones; the layout's other positions
-    (they score padding) take a neighbour's."""
-    return (keep[0].cumsum(0)[row.layout] - 1).clamp(min=0)
+_PLANS = {"responses": _reading_responses, "ends": _reading_ends}
 
 
 def _response_positions(batch: PromptResponses, width: int) -> torch.Tensor:
@@ -149,13 +180,7 @@ def _gathered(per_position: torch.Tensor, positions: torch.Tensor) -> torch.Tens
 def response_scores(model, batch: PromptResponses) -> torch.Tensor:
     """(R,) scalar output of a sequence-classification model, read at each response's last token."""
     if has_segment_attention(model):
-        row = _one_row(batch)
-        inputs, moved_to = share_prefixes(row.inputs)
-        hidden = backbone(model)(**inputs, use_cache=False).last_hidden_state[0]
-        last = row.layout.gather(1, batch.response_mask.sum(-1, keepdim=True))[:, 0]
-        if moved_to is not None:
-            last = moved_to[last]
-        return score_head(model)(hidden[last])[:, 0]
+        return score_head(model)(kept_hidden_states(backbone(model), batch.planned("ends")))[:, 0]
     input_ids, attention_mask = _concatenated(batch)
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0]
 
@@ -184,7 +209,8 @@ def _one_row(batch: PromptResponses) -> _Row:
     response_tokens = response_starts[:, None] + torch.arange(response_valid.size(1), device=device)
     layout = torch.cat([last_prompt_token, torch.where(response_valid, response_tokens, 0)], dim=1)
     # All ones: SDPA's mask is then skipped, and segment_attention keeps each sample to itself.
-    inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": torch.ones_like(input_ids), "segments": segments}
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": torch.ones_like(input_ids),
+              "segments": segments, "use_cache": False}
     return _Row(inputs, layout)
 
 

@@ -130,7 +130,8 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             return zeros, zeros
         if cache is not None:
             index = torch.tensor([p.index for p in pairs])
-            return cache[f"{split}_chosen"][index].to(device), cache[f"{split}_rejected"][index].to(device)
+            return (cache[f"{split}_chosen"][index].to(device, non_blocking=True),
+                    cache[f"{split}_rejected"][index].to(device, non_blocking=True))
         with torch.no_grad(), engine.autocast():
             scored = _score(reference, pairs, tokenizer.pad_token_id, device, length_normalised=False)
         return scored.chosen_sum, scored.rejected_sum
@@ -188,7 +189,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                 sums += torch.stack([
                     loss.detach(), nll.detach(), reward_chosen.sum(), reward_rejected.sum(),
                     (reward_chosen > reward_rejected).sum(), scored.chosen_sum.detach().sum(),
-                    scored.rejected_sum.detach().sum(), torch.tensor(float(len(pairs)), device=device),
+                    scored.rejected_sum.detach().sum(), torch.full((), float(len(pairs)), device=device),
                 ])
                 throughput.add(sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs))
             grad_norm = engine.step()

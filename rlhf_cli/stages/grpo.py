@@ -211,7 +211,7 @@ def _rollout(policy, reference, tokenizer, sampler: Sampler, prompts: list[Encod
     batch = batch.to(device)
     old = _logprobs(policy, batch, cfg.rollout.temperature, autocast) if g.inner_updates > 1 else None
     ref = _logprobs(reference, batch, cfg.rollout.temperature, autocast) if reference is not None else None
-    return Rollout(batch, advantages.to(device), old, ref, kept=int(keep.sum()))
+    return Rollout(batch, advantages.to(device, non_blocking=True), old, ref, kept=int(keep.sum()))
 
 
 def _logprobs(model, batch: PromptResponses, temperature: float, autocast) -> torch.Tensor:

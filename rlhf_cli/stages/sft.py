@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.algos.losses import count_label_tokens, label_nll_sum, scoring_positions, sft_loss
+from rlhf_cli.algos.losses import count_label_tokens, label_nll_sum, labels, scoring_positions, sft_loss
 from rlhf_cli.data.batches import StepBatches, collate
 from rlhf_cli.data.formats import SFTExample, to_sft_examples
 from rlhf_cli.data.tokenize import (
@@ -29,7 +29,8 @@ from rlhf_cli.engine import make_engine
 from rlhf_cli.evaluation import answer_accuracy
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import MetricsLogger, Throughput
-from rlhf_cli.models import apply_lora, count_parameters, default_device, forward_inputs, kept_logits, load_causal_lm, load_tokenizer
+from rlhf_cli.models import (KeptForward, apply_lora, count_parameters, default_device, forward_inputs, kept_logits, load_causal_lm,
+                             load_tokenizer, plan_kept)
 from rlhf_cli.models.padding_free import has_segment_attention
 from rlhf_cli.stages import (
     RunStart,
@@ -87,10 +88,10 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             lr = engine.lr
             step_loss = torch.zeros((), device=device)
             for batch in micro_batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                plan, label_ids = _planned(batch, device)
                 with engine.autocast():
-                    logits = kept_logits(model, forward_inputs(batch), scoring_positions(batch["loss_mask"]))
-                loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"], num_tokens)
+                    logits = kept_logits(model, plan)
+                loss = sft_loss(logits, label_ids, num_tokens)
                 engine.backward(loss)
                 step_loss += loss.detach()
                 throughput.add(int(batch["input_ids"].numel()))
@@ -131,6 +132,13 @@ def _tokenize(tokenizer, examples: list[SFTExample], stop_ids: set[int], data_cf
     return kept
 
 
+def _planned(batch: dict, device: torch.device) -> tuple[KeptForward, torch.Tensor]:
+    """The forward that reads a collated batch's labelled positions, planned on the host, and its
+    labels, both on `device`."""
+    plan = plan_kept(forward_inputs(batch), scoring_positions(batch["loss_mask"])).to(device)
+    return plan, labels(batch["input_ids"], batch["loss_mask"]).to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, samples: list[TokenizedSample], examples: list[SFTExample],
              stop_ids: set[int], eval_cfg: Any, device: torch.device, padding_free: bool = False) -> dict[str, float]:
@@ -138,9 +146,9 @@ def evaluate(model, tokenizer, samples: list[TokenizedSample], examples: list[SF
     model.eval()
     nll, tokens = 0.0, 0
     for start in range(0, len(samples), eval_cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate(samples[start : start + eval_cfg.batch_size], tokenizer.pad_token_id, padding_free).items()}
-        logits = kept_logits(model, forward_inputs(batch), scoring_positions(batch["loss_mask"]))
-        nll += float(label_nll_sum(logits, batch["input_ids"], batch["loss_mask"]))
+        batch = collate(samples[start : start + eval_cfg.batch_size], tokenizer.pad_token_id, padding_free)
+        plan, label_ids = _planned(batch, device)
+        nll += float(label_nll_sum(kept_logits(model, plan), label_ids))
         tokens += count_label_tokens(batch["loss_mask"])
     result = {"eval/loss": nll / max(tokens, 1)}
     answered = [e for e in examples if e.answer is not None][: eval_cfg.generate]

@@ -101,7 +101,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
                     loss = loss + cfg.rm.center_coef * reward_centering_penalty(chosen, rejected, weights)
                 engine.backward(loss)
                 gap = (chosen - rejected).detach()
-                totals += torch.stack([loss.detach(), (gap > 0).sum(), gap.sum(), torch.tensor(float(gap.numel()), device=gap.device)])
+                totals += torch.stack([loss.detach(), (gap > 0).sum(), gap.sum(), torch.full((), float(gap.numel()), device=gap.device)])
                 throughput.add(sum(len(g.prompt) + len(r) for g in groups for r in g.responses))
             grad_norm = engine.step()
             done = step + 1
@@ -180,7 +180,8 @@ def _pairs(groups: list[EncodedGroup], rewards: torch.Tensor, prompts_in_step: i
             margins.append(margin)
             weights.append(1.0 / (len(group.pairs) * prompts_in_step))
         offset += len(group.responses)
-    as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    # Non-blocking: a copy from the host need not wait for the device's queued kernels.
+    as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
     return (
         rewards[as_tensor(chosen_index, torch.long)],
         rewards[as_tensor(rejected_index, torch.long)],

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from rlhf_cli.algos.losses import count_label_tokens, label_nll_sum, scoring_positions, sft_loss, token_nll_sum
+from rlhf_cli.algos.losses import count_label_tokens, label_nll_sum, labels, scoring_positions, sft_loss, token_nll_sum
 
 
 def test_token_nll_sum_matches_hand_computed_values():
@@ -32,7 +32,10 @@ def test_the_labels_logits_alone_give_the_same_sum():
     loss_mask = torch.rand(3, 6) > 0.4
     positions = scoring_positions(loss_mask)
     assert positions[:, :-1].equal(loss_mask[:, 1:]) and not positions[:, -1].any()
-    assert torch.isclose(label_nll_sum(logits[positions], input_ids, loss_mask), token_nll_sum(logits, input_ids, loss_mask))
+    every_position = -torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    expected = (every_position * loss_mask[:, 1:]).sum()
+    assert torch.isclose(label_nll_sum(logits[positions], labels(input_ids, loss_mask)), expected)
+    assert torch.isclose(token_nll_sum(logits, input_ids, loss_mask), expected)
 
 
 def test_sft_loss_divides_by_the_steps_token_count_not_the_micro_batch():
@@ -42,7 +45,7 @@ def test_sft_loss_divides_by_the_steps_token_count_not_the_micro_batch():
     loss_mask = torch.rand(4, 5) > 0.3
 
     def loss(rows: slice, num_tokens: int) -> torch.Tensor:
-        return sft_loss(logits[rows][scoring_positions(loss_mask[rows])], input_ids[rows], loss_mask[rows], num_tokens)
+        return sft_loss(logits[rows][scoring_positions(loss_mask[rows])], labels(input_ids[rows], loss_mask[rows]), num_tokens)
 
     total = count_label_tokens(loss_mask)
     whole = loss(slice(None), total)
