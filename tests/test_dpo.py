@@ -100,3 +100,23 @@ def test_under_bf16_the_reference_is_scored_as_the_policy_is(rlhf, tmp_path):
     assert result.exit_code == 0, result.output
     logged = next(m for m in read_jsonl(tmp_path / "runs/default/dpo/metrics.jsonl") if "loss" in m)
     assert logged["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_the_live_reference_reads_the_policys_batch_and_plan(rlhf, tmp_path, monkeypatch):
+    import rlhf_cli.models.shared_prompt as shared_prompt
+    import rlhf_cli.stages.dpo as dpo
+
+    calls = {"plans": 0, "forwards": 0}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setitem(shared_prompt._PLANS, "responses", counted("plans", shared_prompt._PLANS["responses"]))
+    monkeypatch.setattr(dpo, "response_logits", counted("forwards", dpo.response_logits))
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    result = rlhf("dpo", f"data.train={data}", *DPO_QUICK, "dpo.precompute_ref=false")
+    assert result.exit_code == 0, result.output
+    assert calls == {"plans": 3, "forwards": 6}  # 3 steps: the policy and the reference read one batch each

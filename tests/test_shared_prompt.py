@@ -181,3 +181,22 @@ def test_selected_responses_keep_only_the_prompts_they_follow():
     assert picked.owners.tolist() == [1, 0, 0]
     assert picked.input_ids.tolist() == batch.input_ids[[5, 1, 4]].tolist()
     assert picked.num_tokens == len(PROMPTS[2]) + len(RESPONSES[5]) + 2 * len(PROMPTS[1]) + len(RESPONSES[1]) + len(RESPONSES[4])
+
+
+def test_a_batch_is_planned_once_for_every_forward_that_reads_it(monkeypatch):
+    import rlhf_cli.models.shared_prompt as shared_prompt
+
+    planned = []
+    plan = shared_prompt._PLANS["responses"]
+    monkeypatch.setitem(shared_prompt._PLANS, "responses", lambda batch: planned.append(batch) or plan(batch))
+    policy, critic = _model(AutoModelForCausalLM), _model(AutoModelForSequenceClassification, num_labels=1, pad_token_id=0)
+    batch = collate_responses(ALIKE_PROMPTS, ALIKE_RESPONSES, ALIKE_OWNERS, pad_id=0).to("cpu")
+    with torch.no_grad():
+        first = response_logits(policy, batch)
+        assert torch.equal(response_logits(policy, batch), first)
+        response_values(critic, batch)
+    assert len(planned) == 1
+    mini = batch.rows(torch.tensor([1, 4, 6]))
+    response_logits(policy, mini)
+    response_values(critic, mini)
+    assert len(planned) == 2 and planned[1].input_ids.size(0) == 3

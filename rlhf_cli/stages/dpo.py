@@ -43,7 +43,7 @@ from rlhf_cli.models import (
     load_reference,
     load_tokenizer,
 )
-from rlhf_cli.models.shared_prompt import collate_responses, response_logits
+from rlhf_cli.models.shared_prompt import PromptResponses, collate_responses, response_logits
 from rlhf_cli.runs import REFERENCE_CACHE
 from rlhf_cli.stages import (
     RunStart,
@@ -123,8 +123,9 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         f" -> {start.run.path}"
     )
 
-    def score_reference(pairs: list[Pair], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed reference log-probabilities of chosen and rejected, (B,) each; zeros without a reference."""
+    def score_reference(pairs: list[Pair], batch: PromptResponses, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probabilities of chosen and rejected, (B,) each, of `pairs` (collated in
+        `batch`, whose plan the policy's forward made); zeros without a reference."""
         if not variant.uses_reference:
             zeros = torch.zeros(len(pairs), device=device)
             return zeros, zeros
@@ -133,7 +134,7 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             return (cache[f"{split}_chosen"][index].to(device, non_blocking=True),
                     cache[f"{split}_rejected"][index].to(device, non_blocking=True))
         with torch.no_grad(), engine.autocast():
-            scored = _score(reference, pairs, tokenizer.pad_token_id, device, length_normalised=False)
+            scored = _score(reference, batch, length_normalised=False)
         return scored.chosen_sum, scored.rejected_sum
 
     def evaluate() -> dict[str, float]:
@@ -142,9 +143,10 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
         with torch.no_grad():
             for i in range(0, len(eval_pairs), cfg.eval.batch_size):
                 chunk = eval_pairs[i : i + cfg.eval.batch_size]
+                batch = _collated(chunk, tokenizer.pad_token_id, device)
                 with engine.autocast():
-                    scored = _score(policy, chunk, tokenizer.pad_token_id, device, variant.length_normalised)
-                ref_chosen, ref_rejected = _aggregate(score_reference(chunk, "eval"), scored, variant.length_normalised)
+                    scored = _score(policy, batch, variant.length_normalised)
+                ref_chosen, ref_rejected = _aggregate(score_reference(chunk, batch, "eval"), scored, variant.length_normalised)
                 h = logratio_margin(scored.chosen, scored.rejected, ref_chosen, ref_rejected)
                 losses = variant.loss(h, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.simpo_gamma)
                 totals += torch.tensor([float(losses.sum()), float((h > 0).sum()),
@@ -174,9 +176,10 @@ def run(cfg: Any, start: RunStart, overrides: list[str]) -> dict[str, Any]:
             lr = engine.lr
             sums = torch.zeros(8, device=device)
             for pairs in micro_batches:
+                batch = _collated(pairs, tokenizer.pad_token_id, device)
                 with engine.autocast():
-                    scored = _score(policy, pairs, tokenizer.pad_token_id, device, variant.length_normalised)
-                ref_chosen, ref_rejected = _aggregate(score_reference(pairs, "train"), scored, variant.length_normalised)
+                    scored = _score(policy, batch, variant.length_normalised)
+                ref_chosen, ref_rejected = _aggregate(score_reference(pairs, batch, "train"), scored, variant.length_normalised)
                 h = logratio_margin(scored.chosen, scored.rejected, ref_chosen, ref_rejected)
                 losses = variant.loss(h, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.simpo_gamma)
                 loss = losses.sum() / pairs_in_step
@@ -243,11 +246,17 @@ def _encode(tokenizer, rows, cfg: Any, stop_ids: set[int], name: str) -> list[Pa
     return pairs
 
 
-def _score(model, pairs: list[Pair], pad_id: int, device: torch.device, length_normalised: bool) -> Scored:
-    """The chosen and the rejected responses of every pair, in one forward (each prompt once when shared)."""
+def _collated(pairs: list[Pair], pad_id: int, device: torch.device) -> PromptResponses:
+    """Every pair's prompt once, then the chosen responses, then the rejected ones, on `device`."""
     n = len(pairs)
-    batch = collate_responses([list(p.prompt) for p in pairs], [list(p.chosen) for p in pairs] + [list(p.rejected) for p in pairs],
-                              list(range(n)) * 2, pad_id).to(device)
+    return collate_responses([list(p.prompt) for p in pairs], [list(p.chosen) for p in pairs] + [list(p.rejected) for p in pairs],
+                             list(range(n)) * 2, pad_id).to(device)
+
+
+def _score(model, batch: PromptResponses, length_normalised: bool) -> Scored:
+    """The chosen and the rejected responses of every pair of a `_collated` batch, in one forward (each
+    prompt once when shared)."""
+    n = batch.input_ids.size(0) // 2
     sums, counts = sequence_logprobs(response_logits(model, batch), batch.input_ids, batch.loss_mask)
     aggregated = sums / counts if length_normalised else sums
     return Scored(sums[:n], sums[n:], aggregated[:n], aggregated[n:], counts[:n], counts[n:])
@@ -280,7 +289,7 @@ def _reference_cache(run_path: Path, reference, splits: dict[str, list[Pair]], p
         chosen, rejected = [], []
         for i in range(0, len(pairs), batch_size):
             with autocast():
-                scored = _score(reference, pairs[i : i + batch_size], pad_id, device, length_normalised=False)
+                scored = _score(reference, _collated(pairs[i : i + batch_size], pad_id, device), length_normalised=False)
             chosen.append(scored.chosen_sum.cpu())
             rejected.append(scored.rejected_sum.cpu())
         cache[f"{split}_chosen"] = torch.cat(chosen) if chosen else torch.zeros(0)
