@@ -45,7 +45,8 @@ class PromptResponses:
     loss_mask: torch.Tensor
     pad_id: int
     # The same prompts and responses on the CPU, where padding-free forwards are planned (not loss_mask,
-    # which a caller may narrow after the move), and those plans, made once for every forward.
+    # which a caller may narrow after the move), and those plans, made once for every forward. They stay
+    # on the host: a step's batches would otherwise hold their attention masks on the device between forwards.
     host: Optional["PromptResponses"] = field(default=None, repr=False, compare=False)
     plans: dict[str, KeptForward] = field(default_factory=dict, repr=False, compare=False)
 
@@ -63,11 +64,11 @@ class PromptResponses:
                                host=None if self.host is None else self.host.rows(selected.cpu()))
 
     def to(self, device: Any) -> "PromptResponses":
-        """The batch on `device`, keeping this one (or its host copy) to plan on, and the plans made so far."""
+        """The batch on `device`, keeping this one (or its host copy) to plan on, and its plans."""
         tensors = (self.prompt_ids, self.prompt_mask, self.owners, self.input_ids, self.response_mask, self.loss_mask)
         # Non-blocking: a copy from the host needs no wait for the device's queued kernels.
         return PromptResponses(*(t.to(device, non_blocking=True) for t in tensors), self.pad_id, host=self.on_host(),
-                               plans={reading: plan.to(device) for reading, plan in self.plans.items()})
+                               plans=self.plans)
 
     def on_host(self) -> "PromptResponses":
         if self.host is not None:
@@ -77,10 +78,10 @@ class PromptResponses:
     def planned(self, reading: str) -> KeptForward:
         """The padding-free forward of this batch that reads "responses" (the positions that score each
         response token: (R, 1 + Tr) in input_ids' layout) or "ends" (each response's last token: (R,)),
-        planned on the host once, however many forwards read it."""
+        planned on the host once, however many forwards read it, and copied to this batch's device."""
         if reading not in self.plans:
-            self.plans[reading] = _PLANS[reading](self.on_host()).to(self.input_ids.device)
-        return self.plans[reading]
+            self.plans[reading] = _PLANS[reading](self.on_host())
+        return self.plans[reading].to(self.input_ids.device)
 
 
 def collate_responses(prompts: list[list[int]], responses: list[list[int]], owners: list[int], pad_id: int) -> PromptResponses:
