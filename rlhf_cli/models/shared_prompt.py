@@ -66,14 +66,17 @@ class PromptResponses:
     def to(self, device: Any) -> "PromptResponses":
         """The batch on `device`, keeping this one (or its host copy) to plan on, and its plans."""
         tensors = (self.prompt_ids, self.prompt_mask, self.owners, self.input_ids, self.response_mask, self.loss_mask)
+        host = self if self.host is None and self.input_ids.device.type == "cpu" else self.host
         # Non-blocking: a copy from the host needs no wait for the device's queued kernels.
-        return PromptResponses(*(t.to(device, non_blocking=True) for t in tensors), self.pad_id, host=self.on_host(),
-                               plans=self.plans)
+        return PromptResponses(*(t.to(device, non_blocking=True) for t in tensors), self.pad_id, host=host, plans=self.plans)
 
     def on_host(self) -> "PromptResponses":
-        if self.host is not None:
-            return self.host
-        return self if self.input_ids.device.type == "cpu" else self.to("cpu")
+        """This batch on the CPU: itself, the batch it was moved from, or (made on a device) a copy read back once."""
+        if self.input_ids.device.type == "cpu":
+            return self
+        if self.host is None:
+            self.host = self.to("cpu")
+        return self.host
 
     def planned(self, reading: str) -> KeptForward:
         """The padding-free forward of this batch that reads "responses" (the positions that score each
