@@ -331,11 +331,9 @@ def _relaunch(stage: str, args: list[str], nproc: int) -> int:
     try:
         while True:
             codes = [process.poll() for process in processes]
-            failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-            if failed:
-                # Processes that failed between two polls: the first to leave its error line failed
-                # first (its peers' complaints of a closed connection come after it).
-                rank, code = min(failed, key=lambda failure: _reported_at(errors_dir, failure[0]))
+            if any(code not in (None, 0) for code in codes):
+                rank = _first_to_fail(codes, errors_dir)
+                code = codes[rank] if codes[rank] is not None else _exit_code(processes[rank], codes)
                 _print_error_of(rank, code, nproc, errors_dir)
                 _stop_all(processes)
                 return code
@@ -346,10 +344,34 @@ def _relaunch(stage: str, args: list[str], nproc: int) -> int:
         shutil.rmtree(errors_dir, ignore_errors=True)
 
 
+def _first_to_fail(codes: list[Optional[int]], errors_dir: str) -> int:
+    """The process whose failure the others follow, given each one's exit code (None: running). One
+    that ended without leaving its error line was killed (out of memory, say): its peers' complaints
+    are about it. Otherwise, of those that have failed or left their line, the first to leave it: its
+    peers' complaints of a closed connection come after it, and may end their processes before its
+    own has ended."""
+    killed = [rank for rank, code in enumerate(codes) if code not in (None, 0) and _reported_at(errors_dir, rank) == math.inf]
+    if killed:
+        return killed[0]
+    failing = [rank for rank, code in enumerate(codes) if code not in (None, 0) or _reported_at(errors_dir, rank) < math.inf]
+    return min(failing, key=lambda rank: _reported_at(errors_dir, rank))
+
+
 def _reported_at(errors_dir: str, rank: int) -> float:
     """When process `rank` left its error line; never, for one that left none (killed)."""
     left = Path(errors_dir, f"rank-{rank}")
     return left.stat().st_mtime_ns if left.is_file() else math.inf
+
+
+def _exit_code(process, codes: list, grace_s: float = 30.0) -> int:
+    """The exit code of a process that has left its error line and is ending; if it does not end in
+    time, the code of a peer that has."""
+    import subprocess
+
+    try:
+        return process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        return next(code for code in codes if code not in (None, 0))
 
 
 def _print_error_of(rank: int, code: int, nproc: int, errors_dir: str) -> None:

@@ -186,6 +186,26 @@ def test_bad_data_that_fails_every_process_shows_one_error_line(tmp_path):
     assert line.startswith("error: d.jsonl:2: malformed JSON"), result.stderr
 
 
+def test_the_error_shown_is_the_first_left_even_when_its_process_ends_after_a_peers(tmp_path):
+    import os
+
+    from rlhf_cli.cli import _first_to_fail
+
+    def leave(rank: int, at_ns: int) -> None:
+        (tmp_path / f"rank-{rank}").write_text("error: ...\n")
+        os.utime(tmp_path / f"rank-{rank}", ns=(at_ns, at_ns))
+
+    leave(1, 1_000)
+    leave(0, 2_000)  # process 0's complaint of the closed connection, after process 1's error
+    assert _first_to_fail([1, None], str(tmp_path)) == 1  # process 1 is still ending
+    assert _first_to_fail([1, 2], str(tmp_path)) == 1
+    assert _first_to_fail([None, 2, None], str(tmp_path)) == 1
+    (tmp_path / "rank-1").unlink()  # killed: it left no line
+    assert _first_to_fail([None, -9], str(tmp_path)) == 1  # process 0's line is about the killed process 1
+    assert _first_to_fail([1, -9], str(tmp_path)) == 1
+    assert _first_to_fail([None, -9, 1], str(tmp_path / "no-lines")) == 1  # --debug leaves no lines: the first to end
+
+
 @pytest.mark.faults
 def test_an_error_of_process_1_alone_is_shown(tmp_path):
     (tmp_path / "rank_reward.py").write_text(
