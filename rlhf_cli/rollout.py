@@ -21,6 +21,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from rlhf_cli.models import selected_logits
 from rlhf_cli.models.shared_prompt import kv_cache, right_padded
@@ -78,6 +79,7 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, s
     last_token = F.one_hot(lengths - 1, prompt_ids.size(1)).bool()
     out = model(input_ids=prompt_ids, attention_mask=attention, use_cache=True, logits_to_keep=last_token)
     cache_name, cache = kv_cache(out)
+    preallocate(cache, room=max_new_tokens - 1)
     logits = selected_logits(out.logits, last_token)
     if len(distinct) == len(prompts):
         history = None  # row i is entry i of the cache and of the logits
@@ -110,6 +112,44 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, s
                     use_cache=True, **{cache_name: cache})
         logits = out.logits[:, -1]
     return [_cut_at_stop(row, stop_ids) for row in torch.stack(tokens, dim=1).tolist()]
+
+
+class FilledInPlace(DynamicLayer):
+    """A KV cache layer that writes each step's keys and values into buffers with room for the whole
+    completion. transformers' DynamicLayer concatenates at every step, copying the whole cache each
+    time: quadratic in the completion's length, and most of a decode step's time for long ones on a
+    CPU. Attention reads the filled part, a view of the buffers."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.filled = keys.size(-2)
+        self.key_buffer, self.value_buffer = (torch.cat([t, t.new_empty(*t.shape[:-2], room, t.size(-1))], dim=-2)
+                                              for t in (keys, values))
+        self._show_filled()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.filled + key_states.size(-2)
+        self.key_buffer[..., self.filled : end, :] = key_states
+        self.value_buffer[..., self.filled : end, :] = value_states
+        self.filled = end
+        return self._show_filled()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self._show_filled()
+
+    def _show_filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = self.key_buffer[..., : self.filled, :], self.value_buffer[..., : self.filled, :]
+        return self.keys, self.values
+
+
+def preallocate(cache, room: int) -> None:
+    """Give a prefilled cache's full-attention layers `room` more positions, filled in place
+    (`FilledInPlace`). Other layers (sliding windows, linear attention) stay as the model made them."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            cache.layers[i] = FilledInPlace(layer.keys, layer.values, room)
 
 
 def _greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,19 @@ def test_decoding_runs_each_distinct_unfinished_history_once():
     decoded_alone = [generate(model, [prompt], max_new_tokens=8, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids, batch_size=1,
                               temperature=0.1, seeds=[seed])[0] for prompt, seed in zip(prompts, seeds)]
     assert completions == decoded_alone
+
+
+def test_decoding_writes_keys_and_values_in_place_not_into_a_new_copy_at_each_token():
+    tokenizer, model = _tiny()
+    prompts = [tokenizer.encode(text) for text in ("12+7=", "Q: 3*4=")]
+    storages = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:  # a decode step (the prefill makes the cache)
+            storages.append({layer.keys.untyped_storage().data_ptr() for layer in cache.layers})
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    generate(model, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id, stop_ids=set(), batch_size=2)
+    assert len(storages) == 5 and all(s == storages[0] for s in storages)
+    assert len(storages[0]) == model.config.num_hidden_layers
