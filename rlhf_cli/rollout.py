@@ -117,8 +117,8 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, s
 class FilledInPlace(DynamicLayer):
     """A KV cache layer that writes each step's keys and values into buffers with room for the whole
     completion. transformers' DynamicLayer concatenates at every step, copying the whole cache each
-    time: quadratic in the completion's length, and most of a decode step's time for long ones on a
-    CPU. Attention reads the filled part, a view of the buffers."""
+    time: quadratic in the completion's length, a share of each decode step that grows with it.
+    Attention reads the filled part, a view of the buffers."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
         super().__init__()
