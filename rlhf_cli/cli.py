@@ -350,11 +350,12 @@ def _first_to_fail(codes: list[Optional[int]], errors_dir: str) -> int:
     are about it. Otherwise, of those that have failed or left their line, the first to leave it: its
     peers' complaints of a closed connection come after it, and may end their processes before its
     own has ended."""
-    killed = [rank for rank, code in enumerate(codes) if code not in (None, 0) and _reported_at(errors_dir, rank) == math.inf]
+    reported = [_reported_at(errors_dir, rank) for rank in range(len(codes))]
+    killed = [rank for rank, code in enumerate(codes) if code not in (None, 0) and reported[rank] == math.inf]
     if killed:
         return killed[0]
-    failing = [rank for rank, code in enumerate(codes) if code not in (None, 0) or _reported_at(errors_dir, rank) < math.inf]
-    return min(failing, key=lambda rank: _reported_at(errors_dir, rank))
+    failing = [rank for rank, code in enumerate(codes) if code not in (None, 0) or reported[rank] < math.inf]
+    return min(failing, key=lambda rank: reported[rank])
 
 
 def _reported_at(errors_dir: str, rank: int) -> float:
