@@ -61,6 +61,9 @@ def generate(
     return completions
 
 
+# Inference mode, not only no_grad: no autograd bookkeeping on any of decoding's many small operations.
+# Inside full_weights, not around it: ZeRO-3's gathered weights must stay ordinary tensors.
+@torch.inference_mode()
 def _decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, stop_ids: set[int], pick) -> list[list[int]]:
     """One batch of rows decoded together; `pick` turns each step's (rows, vocab) logits into token ids.
 
@@ -136,7 +139,8 @@ class FilledInPlace(DynamicLayer):
         return self._show_filled()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        # index_select, not buffer[indices]: advanced indexing's general kernel is many times slower on a CPU.
+        self.key_buffer, self.value_buffer = self.key_buffer.index_select(0, indices), self.value_buffer.index_select(0, indices)
         self._show_filled()
 
     def _show_filled(self) -> tuple[torch.Tensor, torch.Tensor]:

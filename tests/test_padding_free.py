@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rlhf_cli.algos.losses import scoring_positions, token_nll_sum
 from rlhf_cli.data.batches import collate
 from rlhf_cli.data.tokenize import TokenizedSample, pack
 from rlhf_cli.models import TINY_DIR, forward_inputs, kept_logits, plan_kept
-from rlhf_cli.models.padding_free import (ATTENTION, prefixed_segments, segments_from_positions, shared_prefixes,
-                                          use_segment_attention)
+from rlhf_cli.models.padding_free import (ATTENTION, one_query_attention, prefixed_segments, segments_from_positions,
+                                          shared_prefixes, use_segment_attention)
 from tests.conftest import read_jsonl
 
 SAMPLES = [
@@ -168,6 +169,16 @@ def test_without_segments_the_attention_is_sdpa_with_its_masks():
     batch = collate(SAMPLES, pad_id=0)
     with torch.no_grad():
         torch.testing.assert_close(free(**forward_inputs(batch)).logits, padded(**forward_inputs(batch)).logits)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_one_query_attention_equals_sdpa_with_grouped_heads_and_padded_keys(padded):
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
+    key_valid = torch.tensor([[1, 1, 0, 0, 1, 1], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]) if padded else None
+    mask = None if key_valid is None else key_valid.bool()[:, None, None, :]
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(one_query_attention(query, key, value, key_valid, 0.3), expected)
 
 
 SMALL = {"vocab_size": 260, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2}

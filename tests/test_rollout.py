@@ -122,3 +122,18 @@ def test_decoding_writes_keys_and_values_in_place_not_into_a_new_copy_at_each_to
     generate(model, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id, stop_ids=set(), batch_size=2)
     assert len(storages) == 5 and all(s == storages[0] for s in storages)
     assert len(storages[0]) == model.config.num_hidden_layers
+
+
+def test_decoding_runs_in_inference_mode_and_each_step_attends_without_sdpa(monkeypatch):
+    tokenizer, model = _tiny()
+    prompts = [tokenizer.encode(text) for text in ("12+7=", "Q: 3*4=")]
+    modes, sdpa_calls = [], []
+    model.register_forward_pre_hook(lambda module, args: modes.append(torch.is_inference_mode_enabled()))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k))
+    greedy = generate(model, prompts, max_new_tokens=4, pad_id=tokenizer.pad_token_id, stop_ids=set(), batch_size=2)
+    assert modes == [True] * 4
+    assert len(sdpa_calls) == model.config.num_hidden_layers  # the prefill's; each decode step's is two matmuls and a softmax
+    for prompt, completion in zip(prompts, greedy):
+        output = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert output[0, len(prompt):].tolist() == completion
