@@ -26,8 +26,9 @@ demo: install
 test: install
 	$(BIN)/pytest -q -m "not slow and not slurm and not faults and not distributed"
 
-# Every fault case: the default suite's one kill per stage, seeded random kills of every stage and the
-# pipeline, a real full disk (a tmpfs: needs root, skipped otherwise), NaN steps under DeepSpeed.
+# Every fault case: the default suite's, every stage's kill, seeded random kills of every stage and the
+# pipeline, killed pipelines, a real full disk (a tmpfs: needs root, skipped otherwise), NaN steps under
+# DeepSpeed; CI runs it after `make test`.
 test-faults: install
 	$(BIN)/pytest -q tests/test_faults.py tests/test_nonfinite.py tests/test_resume.py tests/test_preemption.py \
 		tests/test_pipeline.py::test_a_pipeline_killed_in_any_stage_finishes_with_the_same_models

@@ -75,7 +75,9 @@ def uninterrupted(tmp_path_factory):
     return root / "runs/straight"
 
 
-@pytest.mark.parametrize("killed_in", ["sft", pytest.param("dpo", marks=pytest.mark.faults)])
+# Under make test-faults (CI runs it); the default suite's pipeline test reruns a finished pipeline.
+@pytest.mark.faults
+@pytest.mark.parametrize("killed_in", ["sft", "dpo"])
 def test_a_pipeline_killed_in_any_stage_finishes_with_the_same_models(tmp_path, uninterrupted, killed_in):
     process = _pipeline(tmp_path, "output_dir=runs/killed", wait=False)
     checkpoint = tmp_path / f"runs/killed/{killed_in}/checkpoints/step-10"
