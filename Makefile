@@ -34,7 +34,7 @@ test-faults: install
 		tests/test_pipeline.py::test_a_pipeline_killed_in_any_stage_finishes_with_the_same_models
 
 # Every stage at ZeRO-0, 2 and 3 with two processes, and ZeRO-3's final, resume and LoRA (the default
-# suite runs sft and grpo at ZeRO-0 and ppo at ZeRO-3); CI runs it after `make test`.
+# suite runs grpo at ZeRO-0 and ppo at ZeRO-3); CI runs it after `make test`.
 test-distributed: install
 	$(BIN)/pytest -q tests/test_distributed.py
 

@@ -46,9 +46,9 @@ def _losses(run) -> list[float]:
 EQUAL_STEPS = {"grpo": ["grpo.rewards=[{name:model,path:runs/default/rm/final}]"], "ppo": ["ppo.num_mini_batches=1"]}
 
 
-# The default suite runs sft (gradients averaged over processes) and grpo (rollouts split over processes);
-# `make test-distributed` (CI runs it too) the rest of this file.
-@pytest.mark.parametrize("stage", ["sft", "grpo"] + [pytest.param(s, marks=pytest.mark.distributed) for s in ("train-rm", "dpo", "ppo")])
+# The default suite runs grpo (rollouts split over processes, gradients averaged); `make test-distributed`
+# (CI runs it too) the rest of this file.
+@pytest.mark.parametrize("stage", ["grpo"] + [pytest.param(s, marks=pytest.mark.distributed) for s in ("sft", "train-rm", "dpo", "ppo")])
 def test_two_processes_at_zero0_take_the_steps_of_one_process(chain, stage):
     extra = EQUAL_STEPS.get(stage, [])
     one = _rlhf(chain, stage, "train.max_steps=3", "train.batch_size=8", f"output_dir=one-{stage}", *extra)

@@ -153,6 +153,7 @@ def _rank_processes(parent_pid: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.mark.faults
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     command = [sys.executable, "-m", "rlhf_cli", "sft", *ARGS, "train.max_steps=200", "train.batch_size=2",
                "launcher.nproc=2", "deepspeed=zero0", "output_dir=run"]
