@@ -139,9 +139,16 @@ class FilledInPlace(DynamicLayer):
         return self._show_filled()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        # index_select, not buffer[indices]: advanced indexing's general kernel is many times slower on a CPU.
-        self.key_buffer, self.value_buffer = self.key_buffer.index_select(0, indices), self.value_buffer.index_select(0, indices)
+        self.key_buffer, self.value_buffer = (self._filled_rows(b, indices) for b in (self.key_buffer, self.value_buffer))
         self._show_filled()
+
+    def _filled_rows(self, buffer: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Rows `indices` of a buffer, copying only its filled positions: histories split mostly in a
+        completion's first tokens, when most of the buffer is room. index_select, not buffer[indices]:
+        advanced indexing's general kernel is many times slower on a CPU."""
+        rows = buffer.new_empty(len(indices), *buffer.shape[1:])
+        torch.index_select(buffer[..., : self.filled, :], 0, indices, out=rows[..., : self.filled, :])
+        return rows
 
     def _show_filled(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys, self.values = self.key_buffer[..., : self.filled, :], self.value_buffer[..., : self.filled, :]

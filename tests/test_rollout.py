@@ -2,7 +2,9 @@
 
 import torch
 
-from rlhf_cli.rollout import RowSampler, generate, row_seeds, top_p_probabilities
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rlhf_cli.rollout import FilledInPlace, RowSampler, generate, row_seeds, top_p_probabilities
 
 
 def _tiny():
@@ -122,6 +124,28 @@ def test_decoding_writes_keys_and_values_in_place_not_into_a_new_copy_at_each_to
     generate(model, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id, stop_ids=set(), batch_size=2)
     assert len(storages) == 5 and all(s == storages[0] for s in storages)
     assert len(storages[0]) == model.config.num_hidden_layers
+
+
+def test_a_split_history_copies_only_the_filled_positions_of_the_cache():
+    layer = FilledInPlace(torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8), room=5)
+    layer.update(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8))
+    keys, values = layer.keys.clone(), layer.values.clone()
+    copied = []
+
+    class RecordCopies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.index_select:
+                copied.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with RecordCopies():
+        layer.batch_select_indices(torch.tensor([1, 1, 0]))
+    assert copied == [(2, 4, 4, 8)] * 2  # the 4 filled positions, not the buffers' 8
+    assert torch.equal(layer.keys, keys[[1, 1, 0]]) and torch.equal(layer.values, values[[1, 1, 0]])
+    new_keys = torch.randn(3, 4, 1, 8)
+    layer.update(new_keys, torch.randn(3, 4, 1, 8))  # the room is still there, after the copied rows
+    assert layer.key_buffer.shape == (3, 4, 8, 8) and torch.equal(layer.keys[..., 4:, :], new_keys)
+    assert torch.equal(layer.keys[..., :4, :], keys[[1, 1, 0]])
 
 
 def test_decoding_runs_in_inference_mode_and_each_step_attends_without_sdpa(monkeypatch):
